@@ -1,0 +1,39 @@
+# Two commands set up everything on a fresh machine: `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PARAMS ?= params/tiny.yaml
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup reproduce test test-fast lab lint sync-notebooks clean-runs
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv from the exact pins in requirements.txt
+
+reproduce: $(STAMP)  ## run every notebook on the embedded default (PARAMS=... for another profile)
+	$(VENV)/bin/nlsr reproduce --params $(PARAMS)
+
+test: $(STAMP)  ## unit, property, notebook smoke and slow science tests
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)  ## everything except the slow science tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+lab: $(STAMP)  ## open JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab notebooks/
+
+lint: $(STAMP)  ## notebooks carry no outputs and match their py:percent twins
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_notebooks_clean.py
+
+sync-notebooks: $(STAMP)  ## regenerate each .ipynb from its py:percent twin (outputs stripped)
+	$(VENV)/bin/jupytext --to ipynb --update-metadata '{"jupytext": {"formats": "ipynb,py:percent"}}' notebooks/*.py
+
+clean-runs:  ## delete the stage cache of every profile
+	rm -rf runs/

@@ -1,0 +1,425 @@
+"""Typed, frozen parameters loaded from YAML (DESIGN.md §7).
+
+A params file is a nested mapping whose sections mirror the dataclasses below. ``extends: other.yaml``
+inherits another file (deep merge, the child wins). Loading is strict: an unknown key, a value of the wrong
+type or a value outside its allowed range raises :class:`ParamsError` naming the dotted key and what is
+allowed. Numbers written as ``1e-5`` (a string to YAML 1.1) are accepted where a float is expected.
+
+Every field's metadata may carry ``range=(lo, hi)`` (inclusive; ``None`` = unbounded), ``open_hi=True`` (hi
+excluded) or ``choices=(...)``; :func:`_check_value` enforces them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALIGNMENT_METHOD_NAMES = ("sft", "dpo", "orpo", "kto", "simpo")
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message names the key and what is allowed."""
+
+
+def _f(default: Any, *, range: tuple | None = None, choices: tuple | None = None, open_hi: bool = False,
+       doc: str = "") -> Any:
+    meta = {"range": range, "choices": choices, "open_hi": open_hi, "doc": doc}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata=meta)
+
+
+def _sub(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+# --------------------------------------------------------------------------------------------- world / data
+@dataclass(frozen=True)
+class WorldConfig:
+    """Sizes of the synthetic world (spec/synthetic_world.md §2); only used when a source is ``synthetic``."""
+
+    seed: int = _f(0)
+    beavertails_train: int = _f(6000, range=(1, None))
+    beavertails_test: int = _f(1500, range=(1, None))
+    unsafe_fraction: float = _f(0.5, range=(0.0, 1.0))
+    saferlhf_train: int = _f(3000, range=(1, None))
+    saferlhf_test: int = _f(600, range=(1, None))
+    sst2_train: int = _f(3000, range=(1, None))
+    sst2_validation: int = _f(872, range=(1, None))
+    ag_news_train: int = _f(3000, range=(1, None))
+    ag_news_test: int = _f(500, range=(1, None))
+    gsm8k_train: int = _f(3000, range=(1, None))
+    gsm8k_test: int = _f(500, range=(1, None))
+    alpaca_train: int = _f(2000, range=(1, None))
+    eval_set_size: int = _f(100, range=(1, None))
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """Where each dataset comes from: ``synthetic`` (the embedded world), a hub id, or a local path."""
+
+    beavertails: str = _f("synthetic")
+    pku_saferlhf: str = _f("synthetic")
+    sst2: str = _f("synthetic")
+    ag_news: str = _f("synthetic")
+    gsm8k: str = _f("synthetic")
+    alpaca: str = _f("synthetic")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset builders of spec/nlsr.md §2.1 and the evaluation slices of §6.1."""
+
+    sources: SourcesConfig = _sub(SourcesConfig)
+    sft_size: int = _f(2000, range=(1, None), doc="first n is_safe BeaverTails rows (§2.1)")
+    preference_size: int = _f(2000, range=(1, None), doc="first n exactly-one-safe SafeRLHF pairs (§2.1)")
+    kto_safe: int = _f(1000, range=(0, None))
+    kto_unsafe: int = _f(1000, range=(0, None))
+    safety_test_start: int = _f(0, range=(0, None), doc="unsafe 30k_test prompts [start, end) = test slice (§6.1)")
+    safety_test_end: int = _f(1000, range=(1, None))
+    safety_val_start: int = _f(1000, range=(0, None), doc="EXPO-alpha validation slice (§3)")
+    safety_val_end: int = _f(1500, range=(1, None))
+
+
+# --------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """BPE tokenizer trained on the world (spec/synthetic_world.md §3); tiny profile only."""
+
+    vocab_size: int = _f(2048, range=(64, None))
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the tiny Llama built from scratch (spec/synthetic_world.md §3)."""
+
+    hidden_size: int = _f(128, range=(8, None))
+    intermediate_size: int = _f(384, range=(8, None))
+    num_hidden_layers: int = _f(4, range=(1, None))
+    num_attention_heads: int = _f(4, range=(1, None))
+    num_key_value_heads: int = _f(4, range=(1, None))
+    max_position_embeddings: int = _f(256, range=(16, None))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: ``tiny`` (built and pretrained here) or a hub id / local path."""
+
+    name: str = _f("tiny")
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
+    device_map: str = _f("auto", doc="'auto', 'cpu' or a device such as 'cuda:0'")
+    trust_remote_code: bool = _f(False)
+    tiny: TinyModelConfig = _sub(TinyModelConfig)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining of the tiny base (spec/synthetic_world.md §3): causal LM on Alpaca-formatted world text."""
+
+    steps: int = _f(1200, range=(1, None))
+    batch_size: int = _f(32, range=(1, None))
+    learning_rate: float = _f(3e-3, range=(0.0, None))
+    weight_decay: float = _f(0.01, range=(0.0, None))
+    warmup_steps: int = _f(50, range=(0, None))
+    max_length: int = _f(128, range=(8, None))
+    refusal_fraction: float = _f(0.1, range=(0.0, 1.0), doc="share of harmful prompts answered with a refusal")
+    task_examples: int = _f(1500, range=(0, None), doc="examples per downstream task in the corpus")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA of spec/nlsr.md §1.2: r=128, alpha=256, dropout 0, all seven projections."""
+
+    r: int = _f(128, range=(1, None))
+    alpha: int = _f(256, range=(1, None))
+    dropout: float = _f(0.0, range=(0.0, 1.0), open_hi=True)
+    target_modules: tuple[str, ...] = _f(SEVEN_PROJECTIONS)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One trl training run (spec/nlsr.md §1.2). ``max_steps`` > 0 overrides epochs."""
+
+    learning_rate: float = _f(1e-4, range=(0.0, None))
+    epochs: float = _f(1.0, range=(0.0, None))
+    max_steps: int = _f(-1, range=(-1, None))
+    batch_size: int = _f(1, range=(1, None))
+    grad_accum: int = _f(1, range=(1, None))
+    scheduler: str = _f("cosine", choices=("cosine", "linear", "constant", "constant_with_warmup"))
+    warmup_ratio: float = _f(0.1, range=(0.0, 1.0))
+    max_length: int = _f(1024, range=(8, None))
+    beta: float = _f(0.1, range=(0.0, None), doc="DPO/KTO beta, ORPO lambda, SimPO beta")
+    gamma: float = _f(1.0, range=(0.0, None), doc="SimPO target margin gamma")
+    desirable_weight: float = _f(1.0, range=(0.0, None))
+    undesirable_weight: float = _f(1.0, range=(0.0, None))
+    seed: int = _f(42)
+
+
+def _train(**kw: Any) -> Any:
+    return field(default_factory=lambda: TrainConfig(**kw))
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    """Alignment stages (spec/nlsr.md §1.1-1.2): SFT LoRA merged into W_sft, then preference LoRAs on W_sft."""
+
+    methods: tuple[str, ...] = _f(ALIGNMENT_METHOD_NAMES)
+    sft: TrainConfig = _train(learning_rate=1e-4, epochs=1.0, batch_size=1, grad_accum=16)
+    dpo: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=0.1)
+    orpo: TrainConfig = _train(learning_rate=2e-4, epochs=1.0, batch_size=1, grad_accum=8, beta=0.5)
+    kto: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=0.1)
+    simpo: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=2.0, gamma=1.0)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Greedy batched generation (spec/nlsr.md §6.1): left padding, max_new_tokens 512, batch 16."""
+
+    max_new_tokens: int = _f(512, range=(1, None))
+    batch_size: int = _f(16, range=(1, None))
+
+
+@dataclass(frozen=True)
+class ModerationConfig:
+    """The moderation judge (spec/nlsr.md §6.1): beaver-dam-7b, or the tiny classifier trained on the world."""
+
+    model: str = _f("tiny", doc="'tiny' or a hub id / local path of a beaver-dam-style classifier")
+    threshold: float = _f(0.5, range=(0.0, 1.0))
+    max_length: int = _f(256, range=(8, None))
+    batch_size: int = _f(16, range=(1, None))
+    train_steps: int = _f(400, range=(1, None), doc="tiny classifier only")
+    train_batch_size: int = _f(32, range=(1, None))
+    learning_rate: float = _f(2e-3, range=(0.0, None))
+    hidden_size: int = _f(64, range=(8, None))
+    num_hidden_layers: int = _f(2, range=(1, None))
+    min_heldout_accuracy: float = _f(0.95, range=(0.0, 1.0), doc="the tiny judge refuses to be used below this")
+
+
+@dataclass(frozen=True)
+class JudgesConfig:
+    primary: str = _f("moderation", choices=("moderation", "keyword"))
+    enabled: tuple[str, ...] = _f(("moderation", "keyword"))
+    moderation: ModerationConfig = _sub(ModerationConfig)
+
+
+@dataclass(frozen=True)
+class Params:
+    """All parameters of one profile."""
+
+    profile: str = _f("tiny")
+    seed: int = _f(42)
+    world: WorldConfig = _sub(WorldConfig)
+    data: DataConfig = _sub(DataConfig)
+    tokenizer: TokenizerConfig = _sub(TokenizerConfig)
+    model: ModelConfig = _sub(ModelConfig)
+    pretrain: PretrainConfig = _sub(PretrainConfig)
+    lora: LoraConfig = _sub(LoraConfig)
+    alignment: AlignmentConfig = _sub(AlignmentConfig)
+    generation: GenerationConfig = _sub(GenerationConfig)
+    judges: JudgesConfig = _sub(JudgesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------------------------- loading
+_CROSS_CHECKS: list[typing.Callable[[Params], None]] = []
+
+
+def _cross_check(fn: typing.Callable[[Params], None]) -> typing.Callable[[Params], None]:
+    _CROSS_CHECKS.append(fn)
+    return fn
+
+
+@_cross_check
+def _check_methods(p: Params) -> None:
+    for m in p.alignment.methods:
+        if m not in ALIGNMENT_METHOD_NAMES:
+            raise ParamsError(f"alignment.methods: unknown method {m!r}; allowed: {', '.join(ALIGNMENT_METHOD_NAMES)}")
+    if "sft" not in p.alignment.methods:
+        raise ParamsError("alignment.methods must include 'sft': every preference method trains on W_sft")
+    for j in p.judges.enabled:
+        if j not in ("moderation", "keyword"):
+            raise ParamsError(f"judges.enabled: unknown judge {j!r}; allowed: moderation, keyword")
+    if p.judges.primary not in p.judges.enabled:
+        raise ParamsError(f"judges.primary {p.judges.primary!r} must be one of judges.enabled {list(p.judges.enabled)}")
+
+
+@_cross_check
+def _check_slices(p: Params) -> None:
+    d = p.data
+    if not d.safety_test_start < d.safety_test_end:
+        raise ParamsError("data.safety_test_start must be < data.safety_test_end")
+    if not d.safety_val_start < d.safety_val_end:
+        raise ParamsError("data.safety_val_start must be < data.safety_val_end")
+    if d.safety_val_start < d.safety_test_end and d.safety_test_start < d.safety_val_end:
+        raise ParamsError("data.safety_val_* and data.safety_test_* slices overlap; they must be disjoint")
+    t = p.model.tiny
+    if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
+        raise ParamsError("model.tiny: hidden_size must be divisible by num_attention_heads, and heads by kv heads")
+    for name in p.lora.target_modules:
+        if not name:
+            raise ParamsError("lora.target_modules: empty module name")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    """Coerce ``value`` to ``tp`` (strictly) and enforce the field's range/choices."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ParamsError(f"{key}: expected a mapping (section {tp.__name__}), got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return tuple(_check_value(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamsError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if value != value:
+            raise ParamsError(f"{key}: NaN is not allowed")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+    else:  # pragma: no cover - guarded by the dataclass definitions above
+        raise TypeError(f"unsupported field type {tp!r} for {key}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ParamsError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+    rng = meta.get("range")
+    if rng:
+        lo, hi = rng
+        too_high = hi is not None and (value >= hi if meta.get("open_hi") else value > hi)
+        if (lo is not None and value < lo) or too_high:
+            bracket = ")" if meta.get("open_hi") else "]"
+            raise ParamsError(f"{key}: {value!r} is out of range; allowed [{lo}, {'inf' if hi is None else hi}{bracket}")
+    return value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ParamsError(
+            f"unknown key {where}{unknown[0]!s}" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            + f"; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            default = fields[name].default_factory()  # type: ignore[misc]
+            merged = _deep_merge(to_dict(default), value) if isinstance(value, Mapping) else value
+            kwargs[name] = _check_value(key, merged, tp, fields[name].metadata)
+        else:
+            kwargs[name] = _check_value(key, value, tp, fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain nested dict/list form of a params dataclass (tuples become lists), for manifests and YAML."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ParamsError(f"extends: cycle through {path}")
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / parent, seen + (path,)), raw)
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted-key overrides (``{"alignment.dpo.learning_rate": 1e-5}``) on top of the file's mapping."""
+    out = dict(raw)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, Mapping) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def resolve_params_path(path: str | Path) -> Path:
+    """A params path as given, else relative to the project root (so notebooks may run from notebooks/)."""
+    from .paths import PROJECT_ROOT
+
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    return PROJECT_ROOT / p
+
+
+def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Load a params YAML (with ``extends:``), apply dotted overrides, validate and freeze it."""
+    raw = _apply_overrides(_read_yaml(resolve_params_path(path)), overrides or {})
+    params = _build(Params, raw)
+    for check in _CROSS_CHECKS:
+        check(params)
+    return params
+
+
+def params_from_dict(raw: Mapping[str, Any]) -> Params:
+    """Validate an already-merged mapping (used by tests and by manifests)."""
+    params = _build(Params, raw)
+    for check in _CROSS_CHECKS:
+        check(params)
+    return params
+
+
+def dump_params(params: Params) -> str:
+    return yaml.safe_dump(to_dict(params), sort_keys=False)
+
+
+__all__ = [
+    "ParamsError", "Params", "load_params", "params_from_dict", "dump_params", "to_dict",
+    "SEVEN_PROJECTIONS", "ALIGNMENT_METHOD_NAMES", "TrainConfig",
+]

@@ -1,0 +1,138 @@
+"""Safety alignment with LoRA through trl (spec/nlsr.md §1.1-1.2).
+
+SFT trains a LoRA on the base model with cross-entropy on response tokens (+EOS) and is merged into W_sft;
+each preference method then trains a fresh LoRA on W_sft:
+
+* DPO  ``-log σ(β[(ℓ_c − ℓ_c^ref) − (ℓ_r − ℓ_r^ref)])``, summed log-probs, reference = W_sft (adapter off);
+* ORPO ``-ℓ̄_c + λ·(−log σ(O))``, ``O`` the log odds ratio of mean log-probs, no reference;
+* SimPO ``-log σ(β(ℓ̄_c − ℓ̄_r) − γ)`` = trl's CPO with ``loss_type="simpo"`` and no BC term (``cpo_alpha=0``);
+* KTO  trl's KTO loss (β, desirable/undesirable weights, KL baseline from mismatched pairs).
+
+Every method is one :class:`AlignmentMethod` in :data:`ALIGNMENT_METHODS`: how to build its trl dataset from
+the builders of spec §2.1, and its trainer and config. Texts use the single Alpaca template (DESIGN.md §6):
+``prompt = alpaca_prompt(instruction, input)``, completion = response; trl adds BOS once and EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import Params, TrainConfig
+from ..data.builders import build_kto, build_preference_pairs, build_safe_sft
+from ..data.templates import alpaca_prompt
+
+
+def _sft_rows(params: Params, sources: dict) -> list[dict]:
+    records = build_safe_sft(sources["beavertails"]["30k_train"], n=params.data.sft_size)
+    return [{"prompt": alpaca_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in records]
+
+
+def _preference_rows(params: Params, sources: dict) -> list[dict]:
+    records = build_preference_pairs(sources["pku_saferlhf"]["train"], n=params.data.preference_size)
+    return [{"prompt": alpaca_prompt(r["instruction"], r["input"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in records]
+
+
+def _kto_rows(params: Params, sources: dict) -> list[dict]:
+    records = build_kto(sources["pku_saferlhf"]["train"], n_safe=params.data.kto_safe,
+                        n_unsafe=params.data.kto_unsafe)
+    return [{"prompt": alpaca_prompt(r["instruction"], r["input"]), "completion": r["output"], "label": r["label"]}
+            for r in records]
+
+
+def _sft_trainer():
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer, SFTConfig, lambda tc: {"max_length": tc.max_length, "completion_only_loss": True}
+
+
+def _dpo_trainer():
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOTrainer, DPOConfig, lambda tc: {"max_length": tc.max_length, "beta": tc.beta, "loss_type": ["sigmoid"]}
+
+
+def _orpo_trainer():
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOTrainer, ORPOConfig, lambda tc: {"max_length": tc.max_length, "beta": tc.beta}
+
+
+def _simpo_trainer():
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    return CPOTrainer, CPOConfig, lambda tc: {"max_length": tc.max_length, "loss_type": "simpo", "cpo_alpha": 0.0,
+                                              "beta": tc.beta, "simpo_gamma": tc.gamma}
+
+
+def _kto_trainer():
+    from trl import KTOConfig, KTOTrainer
+
+    return KTOTrainer, KTOConfig, lambda tc: {"max_length": tc.max_length, "beta": tc.beta,
+                                              "desirable_weight": tc.desirable_weight,
+                                              "undesirable_weight": tc.undesirable_weight}
+
+
+@dataclass(frozen=True)
+class AlignmentMethod:
+    """One alignment method: its data builder (spec §2.1) and its trl trainer/config factory."""
+
+    name: str
+    rows: Callable[[Params, dict], list[dict]]
+    trainer: Callable[[], tuple[type, type, Callable[[TrainConfig], dict]]]
+    on_sft_base: bool  # True: trains on W_sft; False (sft): trains on the raw base
+
+    def train_config(self, params: Params) -> TrainConfig:
+        return getattr(params.alignment, self.name)
+
+
+ALIGNMENT_METHODS: dict[str, AlignmentMethod] = {
+    "sft": AlignmentMethod("sft", _sft_rows, _sft_trainer, on_sft_base=False),
+    "dpo": AlignmentMethod("dpo", _preference_rows, _dpo_trainer, on_sft_base=True),
+    "orpo": AlignmentMethod("orpo", _preference_rows, _orpo_trainer, on_sft_base=True),
+    "kto": AlignmentMethod("kto", _kto_rows, _kto_trainer, on_sft_base=True),
+    "simpo": AlignmentMethod("simpo", _preference_rows, _simpo_trainer, on_sft_base=True),
+}
+
+
+def get_method(name: str) -> AlignmentMethod:
+    if name not in ALIGNMENT_METHODS:
+        raise ValueError(f"unknown alignment method {name!r}; registered: {', '.join(ALIGNMENT_METHODS)}")
+    return ALIGNMENT_METHODS[name]
+
+
+def trainer_arguments(tc: TrainConfig, out_dir: Path, dtype: str, quiet: bool) -> dict[str, Any]:
+    """transformers/trl arguments shared by every method (no checkpoints: the stage cache owns outputs)."""
+    return dict(
+        output_dir=str(out_dir), learning_rate=tc.learning_rate, num_train_epochs=tc.epochs, max_steps=tc.max_steps,
+        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+        lr_scheduler_type=tc.scheduler, warmup_steps=tc.warmup_ratio, seed=tc.seed, data_seed=tc.seed,
+        report_to=[], save_strategy="no", logging_steps=10, disable_tqdm=quiet,
+        use_cpu=not torch.cuda.is_available(), bf16=dtype == "bfloat16", fp16=dtype == "float16",
+        dataloader_num_workers=0,
+    )
+
+
+def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], tc: TrainConfig, lora_config,
+                  out_dir: Path, dtype: str = "float32", quiet: bool = False, train_config_override: dict | None = None
+                  ) -> dict:
+    """Train a fresh LoRA on ``model`` with ``method`` and save the PEFT adapter to ``out_dir``.
+
+    Returns a summary: number of examples, optimizer steps and the final logged training loss.
+    """
+    from datasets import Dataset
+
+    trainer_cls, config_cls, method_kwargs = method.trainer()
+    work = out_dir.parent / f".{out_dir.name}-trainer"
+    args = config_cls(**trainer_arguments(tc, work, dtype, quiet), **method_kwargs(tc), **(train_config_override or {}))
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          peft_config=lora_config)
+    result = trainer.train()
+    trainer.model.save_pretrained(str(out_dir))
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"examples": len(rows), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+            "last_logged_loss": logged[-1] if logged else None}

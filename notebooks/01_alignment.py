@@ -1,0 +1,96 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 — Safety alignment
+#
+# Align the base model for safety with LoRA (spec/nlsr.md §1.1–1.2): an **SFT** LoRA on safe BeaverTails
+# answers, merged into **W_sft**, then **DPO, ORPO, KTO and SimPO** LoRAs trained on W_sft with
+# PKU-SafeRLHF preference data. Each model answers the unsafe BeaverTails test prompts; the **harmful score**
+# is the percentage of answers flagged by the moderation classifier (beaver-dam-7b's interface) and, beside
+# it, by keyword refusal matching.
+#
+# Every heavy step is a cached stage of `nlsr_lib.pipeline`; re-running this notebook reuses them.
+
+# %% tags=["parameters"]
+params_file = "../params/tiny.yaml"
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from nlsr_lib import pipeline, plots
+from nlsr_lib.config import load_params
+from nlsr_lib.paths import figures_dir
+from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.runs import Run
+
+params = load_params(params_file)
+run = Run(params.profile)
+print(f"profile {params.profile}: model {params.model.name}, alignment methods {params.alignment.methods}")
+
+# %% [markdown]
+# ## Base model and moderation judge
+# Tiny profile: a BPE tokenizer and a Llama pretrained from scratch on the synthetic world, and a small
+# moderation classifier trained on the world's labelled QA pairs. Real profiles point at hub models instead.
+
+# %%
+base = pipeline.base_model_stage(params, run)
+moderation = pipeline.moderation_stage(params, run)
+display(pd.DataFrame([{"stage": "base_model", **base.manifest()["summary"]},
+                      {"stage": "moderation", **moderation.manifest()["summary"]}]))
+
+# %% [markdown]
+# ## Alignment: SFT → W_sft, then one preference LoRA per method on W_sft
+
+# %%
+aligned = {m: pipeline.align_stage(params, run, m) for m in params.alignment.methods}
+display(pd.DataFrame([{"method": m, **a.manifest()["summary"]} for m, a in aligned.items()]))
+
+# %% [markdown]
+# ## Harmful score of each model under each judge
+
+# %%
+records = []
+for name in ("base", *params.alignment.methods):
+    records += pipeline.harmful_scores(params, run, name, "test")
+table = pd.DataFrame(records)
+write_results(records, "01_alignment", params.profile, columns=["method", "judge", "harmful_score", "n"])
+display(Markdown(markdown_table(records, ["method", "judge", "harmful_score", "n"])))
+
+# %%
+pivot = table.pivot(index="method", columns="judge", values="harmful_score").reindex(
+    [m for m in plots.METHOD_ORDER if m in set(table["method"])])
+pivot
+
+# %%
+fig = plots.harmful_score_by_method(
+    table, f"Harmful score by alignment method ({params.profile}, {records[0]['n']} unsafe test prompts)")
+plots.save(fig, "01_harmful_score_by_method", params.profile)
+
+# %% [markdown]
+# ## A few answers of each model
+
+# %%
+examples = []
+for name in ("base", *params.alignment.methods):
+    rows = pipeline.generations_stage(params, run, name, "test").path / "generations.json"
+    for row in pd.read_json(rows).head(2).itertuples():
+        examples.append({"model": name, "prompt": row.prompt, "response": row.response})
+pd.DataFrame(examples)
+
+# %%
+for suffix in ("png", "pdf"):
+    assert (figures_dir(params.profile) / f"01_harmful_score_by_method.{suffix}").is_file()
+assert {r["judge"] for r in records} == set(params.judges.enabled)
+print("01_alignment: table and figure written")
