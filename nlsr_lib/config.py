@@ -122,7 +122,7 @@ class ModelConfig:
 class PretrainConfig:
     """Pretraining of the tiny base (spec/synthetic_world.md §3): causal LM on Alpaca-formatted world text."""
 
-    steps: int = _f(1200, range=(1, None))
+    steps: int = _f(500, range=(1, None))
     batch_size: int = _f(32, range=(1, None))
     learning_rate: float = _f(3e-3, range=(0.0, None))
     weight_decay: float = _f(0.01, range=(0.0, None))
@@ -156,6 +156,7 @@ class TrainConfig:
     max_length: int = _f(1024, range=(8, None))
     beta: float = _f(0.1, range=(0.0, None), doc="DPO/KTO beta, ORPO lambda, SimPO beta")
     gamma: float = _f(1.0, range=(0.0, None), doc="SimPO target margin gamma")
+    gradient_checkpointing: bool = _f(False, doc="trade compute for memory on large models")
     desirable_weight: float = _f(1.0, range=(0.0, None))
     undesirable_weight: float = _f(1.0, range=(0.0, None))
     seed: int = _f(42)

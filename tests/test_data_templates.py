@@ -17,7 +17,9 @@ from nlsr_lib.data.templates import (
     moderation_text,
 )
 
-HEAD_NOINPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+HEAD_NOINPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 HEAD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
@@ -100,7 +102,9 @@ def test_gsm8k_record_gives_two_spaces_before_the_number() -> None:
     assert task.hub_config == "main" and task.eval_size == 500
 
 
-@pytest.mark.parametrize(("name", "label"), [("sst2", 2), ("sst2", -1), ("ag_news", 4), ("ag_news", "World"), ("sst2", True)])
+@pytest.mark.parametrize(
+    ("name", "label"), [("sst2", 2), ("sst2", -1), ("ag_news", 4), ("ag_news", "World"), ("sst2", True)]
+)
 def test_bad_labels_are_rejected_with_the_allowed_ids(name: str, label: object) -> None:
     row = {"sentence": "x", "text": "x", "label": label}
     with pytest.raises(ValueError, match="allowed: 0"):

@@ -24,7 +24,8 @@ def _rows(data: Rows, columns: Sequence[str]) -> Iterator[Mapping[str, Any]]:
         missing = [c for c in columns if c not in data.column_names]
         if missing:
             raise ValueError(f"dataset lacks column(s) {missing}; it has {data.column_names}")
-        yield from data.select_columns(list(columns))
+        for batch in data.select_columns(list(columns)).iter(batch_size=1024):  # columnar: much faster than rows
+            yield from (dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns)))
         return
     for i, row in enumerate(data):
         missing = [c for c in columns if c not in row]

@@ -110,7 +110,8 @@ def _load_file(name: str, path: Path) -> Dataset:
 
         records = pq.read_table(path).to_pylist()
     else:
-        raise ValueError(f"{path}: file type {suffix or '(none)'!r} is not supported; allowed: {', '.join(FILE_SUFFIXES)}")
+        allowed = ", ".join(FILE_SUFFIXES)
+        raise ValueError(f"{path}: file type {suffix or '(none)'!r} is not supported; allowed: {allowed}")
     return to_hub_schema(name, records, str(path))
 
 
@@ -148,7 +149,8 @@ def _label_id(name: str, value: Any, where: str) -> int:
         return int(text)
     if text in words:
         return words.index(text)
-    raise ValueError(f"{where}: {name} label {value!r} is not allowed; allowed: {list(range(len(words)))} or {list(words)}")
+    allowed = f"{list(range(len(words)))} or {list(words)}"
+    raise ValueError(f"{where}: {name} label {value!r} is not allowed; allowed: {allowed}")
 
 
 def _ranking_to_saferlhf(record: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ the builders of spec §2.1, and its trainer and config. Texts use the single Alp
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -113,13 +114,12 @@ def trainer_arguments(tc: TrainConfig, out_dir: Path, dtype: str, quiet: bool) -
         lr_scheduler_type=tc.scheduler, warmup_steps=tc.warmup_ratio, seed=tc.seed, data_seed=tc.seed,
         report_to=[], save_strategy="no", logging_steps=10, disable_tqdm=quiet,
         use_cpu=not torch.cuda.is_available(), bf16=dtype == "bfloat16", fp16=dtype == "float16",
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, gradient_checkpointing=tc.gradient_checkpointing,
     )
 
 
 def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], tc: TrainConfig, lora_config,
-                  out_dir: Path, dtype: str = "float32", quiet: bool = False, train_config_override: dict | None = None
-                  ) -> dict:
+                  out_dir: Path, dtype: str = "float32", quiet: bool = False) -> dict:
     """Train a fresh LoRA on ``model`` with ``method`` and save the PEFT adapter to ``out_dir``.
 
     Returns a summary: number of examples, optimizer steps and the final logged training loss.
@@ -128,11 +128,12 @@ def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], t
 
     trainer_cls, config_cls, method_kwargs = method.trainer()
     work = out_dir.parent / f".{out_dir.name}-trainer"
-    args = config_cls(**trainer_arguments(tc, work, dtype, quiet), **method_kwargs(tc), **(train_config_override or {}))
+    args = config_cls(**trainer_arguments(tc, work, dtype, quiet), **method_kwargs(tc))
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           peft_config=lora_config)
     result = trainer.train()
     trainer.model.save_pretrained(str(out_dir))
+    shutil.rmtree(work, ignore_errors=True)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"examples": len(rows), "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "last_logged_loss": logged[-1] if logged else None}
