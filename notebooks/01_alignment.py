@@ -93,4 +93,5 @@ pd.DataFrame(examples)
 for suffix in ("png", "pdf"):
     assert (figures_dir(params.profile) / f"01_harmful_score_by_method.{suffix}").is_file()
 assert {r["judge"] for r in records} == set(params.judges.enabled)
-print("01_alignment: table and figure written")
+built = sorted({stage for stage, cached, _ in run.log if not cached})
+print("01_alignment: table and figure written; stages built in this run:", ", ".join(built) or "none (all cached)")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nlsr_lib.paths import figures_dir, results_dir
+from nlsr_lib.paths import figures_dir, results_dir, runs_dir
 from nlsr_lib.reproduce import NotebookFailure, reproduce
 
 pytestmark = pytest.mark.notebook
@@ -25,6 +25,8 @@ def test_notebook_01_alignment_smoke(nlsr_home):
     # a second run hits the cache for every stage and gives the same table
     reproduce("params/smoke.yaml", only="01", log=lambda *_: None)
     assert json.loads((results_dir("smoke") / "01_alignment.json").read_text()) == records
+    executed = (runs_dir("smoke") / "executed" / "01_alignment.ipynb").read_text()
+    assert "stages built in this run: none (all cached)" in executed
 
 
 def test_failing_notebook_reports_cell_error_and_path(nlsr_home, tmp_path):
