@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             from .reproduce import NotebookFailure, reproduce
 
             try:
-                timings = reproduce(args.params, only=args.only, start=args.start)
+                timings = reproduce(args.params, only=args.only, start=args.start, progress=True)
             except NotebookFailure as failure:
                 print(f"[nlsr] FAILED: {failure}", file=sys.stderr)
                 return 1

@@ -54,7 +54,7 @@ def _failing_cell(executed: Path) -> tuple[int | None, str]:
 
 
 def reproduce(params_file: str | Path, only: str | None = None, start: str | None = None,
-              kernel_name: str = "python3", log=print) -> list[tuple[str, float]]:
+              kernel_name: str = "python3", log=print, progress: bool = False) -> list[tuple[str, float]]:
     """Execute the notebooks; returns ``[(notebook, seconds)]``; raises :class:`NotebookFailure`."""
     import papermill as pm
 
@@ -69,7 +69,7 @@ def reproduce(params_file: str | Path, only: str | None = None, start: str | Non
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(nb), str(executed), parameters={"params_file": str(params_path)},
-                                cwd=str(NOTEBOOKS_DIR), kernel_name=kernel_name, progress_bar=False,
+                                cwd=str(NOTEBOOKS_DIR), kernel_name=kernel_name, progress_bar=progress,
                                 log_output=False)
         except pm.PapermillExecutionError as err:
             index, _ = _failing_cell(executed)

@@ -66,6 +66,18 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class Run:
     """The run directory of one profile and its stage cache."""
 
@@ -120,13 +132,19 @@ class Run:
         fp = fingerprint(stage, config, {k: a.fingerprint for k, a in inputs.items()})
         final = self.stage_dir(stage)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        rank, world_size = _distributed_rank()
+        # Under `accelerate launch` every rank builds into the same directory; rank 0 alone finalises it.
+        suffix = fp[:12] if world_size > 1 else uuid.uuid4().hex[:8]
+        tmp = final.parent / f".tmp-{final.name}-{suffix}"
+        tmp.mkdir(exist_ok=world_size > 1)
         start = time.perf_counter()
         if not self.quiet:
             print(f"[nlsr] {stage}: building")
         try:
             summary = build(tmp) or {}
+            if rank != 0:
+                _barrier()
+                return Artifact(stage, final, fp, cached=False)
             manifest = {
                 "stage": stage,
                 "fingerprint": fp,
@@ -138,6 +156,8 @@ class Run:
             }
             atomic_write_json(tmp / MANIFEST, manifest)
             self._replace(tmp, final)
+            if world_size > 1:
+                _barrier()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -80,3 +80,14 @@ def test_atomic_writes_replace_whole_files(tmp_path):
     atomic_write_text(path, "{\"a\": 2}")
     assert json.loads(path.read_text()) == {"a": 2}
     assert os.listdir(path.parent) == ["x.json"]
+
+
+def test_under_a_launcher_only_rank_zero_finalises(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    run = Run("t", root=tmp_path, quiet=True)
+    run.stage("s", {}, _writer([]))
+    assert not (tmp_path / "s").exists()  # rank 1 built its share into the shared temp dir only
+    monkeypatch.setenv("RANK", "0")
+    art = run.stage("s", {}, _writer([]))
+    assert (art.path / MANIFEST).is_file() and [p.name for p in tmp_path.iterdir()] == ["s"]

@@ -132,8 +132,10 @@ def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], t
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           peft_config=lora_config)
     result = trainer.train()
-    trainer.model.save_pretrained(str(out_dir))
-    shutil.rmtree(work, ignore_errors=True)
+    if trainer.accelerator.is_main_process:  # one writer under `accelerate launch`; no pickled training_args
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out_dir))
+        shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"examples": len(rows), "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "last_logged_loss": logged[-1] if logged else None}
