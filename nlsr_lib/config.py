@@ -178,6 +178,35 @@ class AlignmentConfig:
     simpo: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=2.0, gamma=1.0)
 
 
+# --------------------------------------------------------------------------------------------- attack, EXPO
+TASK_NAMES = ("sst2", "ag_news", "gsm8k")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Harmful fine-tuning (spec/nlsr.md §1.2, §2.4): the aligned adapter trained further on a poisoned mixture."""
+
+    tasks: tuple[str, ...] = _f(TASK_NAMES)
+    n: int = _f(1000, range=(1, None), doc="fine-tuning examples per mixture")
+    poison_ratios: tuple[float, ...] = _f((0.0, 0.01, 0.05, 0.1, 0.2, 0.3))
+    sizes: tuple[int, ...] = _f((100, 500, 1000, 2000, 2500), doc="mixture sizes n of the size sweep")
+    size_sweep_ratio: float = _f(0.1, range=(0.0, 1.0), doc="poison ratio held fixed in the size sweep")
+    methods_ratio: float = _f(0.05, range=(0.0, 1.0), doc="ratio at which every alignment method is attacked")
+    guard_ratio: float = _f(0.1, range=(0.0, 1.0), doc="safe share of the VLGuard-style mixture")
+    train: TrainConfig = _train(learning_rate=2e-6, epochs=10.0, batch_size=1, grad_accum=4)
+    task_max_new_tokens: int = _f(200, range=(1, None), doc="decoding budget of task evaluation (§6.2)")
+    task_eval_size: int = _f(-1, range=(-1, None), doc="-1: the task's own evaluation size (§6.2)")
+
+
+@dataclass(frozen=True)
+class ExpoConfig:
+    """EXPO (spec/nlsr.md §3, DESIGN.md §6): alpha grid per method, chosen on the validation slice."""
+
+    mode: str = _f("paper", choices=("paper", "factor_scaling"))
+    alphas: tuple[float, ...] = _f((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
+    methods: tuple[str, ...] = _f(ALIGNMENT_METHOD_NAMES)
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -223,6 +252,8 @@ class Params:
     pretrain: PretrainConfig = _sub(PretrainConfig)
     lora: LoraConfig = _sub(LoraConfig)
     alignment: AlignmentConfig = _sub(AlignmentConfig)
+    attack: AttackConfig = _sub(AttackConfig)
+    expo: ExpoConfig = _sub(ExpoConfig)
     generation: GenerationConfig = _sub(GenerationConfig)
     judges: JudgesConfig = _sub(JudgesConfig)
 
@@ -251,6 +282,23 @@ def _check_methods(p: Params) -> None:
             raise ParamsError(f"judges.enabled: unknown judge {j!r}; allowed: moderation, keyword")
     if p.judges.primary not in p.judges.enabled:
         raise ParamsError(f"judges.primary {p.judges.primary!r} must be one of judges.enabled {list(p.judges.enabled)}")
+
+
+@_cross_check
+def _check_attack_and_expo(p: Params) -> None:
+    for task in p.attack.tasks:
+        if task not in TASK_NAMES:
+            raise ParamsError(f"attack.tasks: unknown task {task!r}; allowed: {', '.join(TASK_NAMES)}")
+    for ratio in p.attack.poison_ratios:
+        if not 0.0 <= ratio <= 1.0:
+            raise ParamsError(f"attack.poison_ratios: {ratio} is outside [0, 1]")
+    if any(size < 1 for size in p.attack.sizes):
+        raise ParamsError("attack.sizes: every size must be >= 1")
+    for method in p.expo.methods:
+        if method not in p.alignment.methods:
+            raise ParamsError(f"expo.methods: {method!r} is not among alignment.methods {list(p.alignment.methods)}")
+    if any(a < 0 for a in p.expo.alphas):
+        raise ParamsError("expo.alphas: every alpha must be >= 0")
 
 
 @_cross_check

@@ -56,3 +56,28 @@ def expo_adapter(adapter_dir: str | Path, out_dir: str | Path, alpha: float, mod
         if extra.is_file() and extra.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             shutil.copy2(extra, out_dir / extra.name)
     return out_dir
+
+
+def expo_stage(params, run, method: str, alpha: float):
+    """The EXPO reference of ``method`` at ``alpha`` as a model under test (adapter files only).
+
+    The un-extrapolated model is alpha = 0 in ``paper`` mode (alpha = 0.5 in ``factor_scaling`` mode)."""
+    from .pipeline import ModelRef, aligned_adapter_ref
+
+    aligned = aligned_adapter_ref(params, run, method)
+    tag = f"expo/{params.expo.mode}/{method}/alpha{alpha:g}"
+
+    def build(out: Path) -> dict:
+        expo_adapter(aligned.adapter, out / "adapter", alpha, params.expo.mode)
+        return {"scale_A": expo_factors(alpha, params.expo.mode)[0], "scale_B": expo_factors(alpha, params.expo.mode)[1]}
+
+    artifact = run.stage(tag, {"method": method, "alpha": alpha, "mode": params.expo.mode}, build,
+                         inputs={"aligned": aligned.artifact})
+    return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
+
+
+def choose_alpha(val_scores: dict[float, float]) -> float:
+    """The alpha with the lowest validation harmful score; ties go to the smallest alpha (least extrapolation)."""
+    if not val_scores:
+        raise ValueError("choose_alpha needs at least one (alpha, harmful score) pair")
+    return min(sorted(val_scores), key=lambda a: val_scores[a])

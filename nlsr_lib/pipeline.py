@@ -8,6 +8,7 @@ The same functions run from the notebooks and from ``nlsr stage NAME``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,15 +200,41 @@ def _quiet() -> bool:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def model_under_test(params: Params, run: Run, name: str) -> tuple[str, str | None]:
-    """(base directory, adapter directory or None) of a named model: ``base``, ``sft`` (= W_sft) or an
-    alignment method's adapter on W_sft."""
+@dataclass(frozen=True)
+class ModelRef:
+    """A model under test: a base directory (or hub id), an optional adapter on it, and the artifact that
+    produced it (its fingerprint keys the evaluation caches). ``tag`` names it in stage paths and tables."""
+
+    tag: str
+    base: str
+    adapter: str | None
+    artifact: Artifact
+
+
+def model_ref(params: Params, run: Run, name: str) -> ModelRef:
+    """``base`` (the unaligned base), ``sft`` (W_sft) or an alignment method's adapter on W_sft."""
     if name == "base":
-        return location(base_model_stage(params, run)), None
+        base = base_model_stage(params, run)
+        return ModelRef("base", location(base), None, base)
     sft = align_stage(params, run, "sft")
     if name == "sft":
-        return location(sft, "merged"), None
-    return location(sft, "merged"), str(align_stage(params, run, name).path / "adapter")
+        return ModelRef("sft", location(sft, "merged"), None, sft)
+    aligned = align_stage(params, run, name)
+    return ModelRef(name, location(sft, "merged"), str(aligned.path / "adapter"), aligned)
+
+
+UNALIGNED = "unaligned"
+
+
+def aligned_adapter_ref(params: Params, run: Run, method: str) -> ModelRef:
+    """A method's aligned model in adapter form: W_sft + its LoRA (``sft``: the raw base + the SFT LoRA;
+    ``unaligned``: the bare base). This is what the attack continues and what EXPO extrapolates."""
+    base = base_model_stage(params, run)
+    if method == UNALIGNED:
+        return ModelRef(UNALIGNED, location(base), None, base)
+    aligned = align_stage(params, run, method)
+    base_dir = location(base) if method == "sft" else location(align_stage(params, run, "sft"), "merged")
+    return ModelRef(method, base_dir, str(aligned.path / "adapter"), aligned)
 
 
 def safety_prompts(params: Params, run: Run, slice_name: str) -> list[str]:
@@ -220,29 +247,32 @@ def safety_prompts(params: Params, run: Run, slice_name: str) -> list[str]:
     return safety_eval_prompts(load_sources(params, run)["beavertails"]["30k_test"], start, end)
 
 
-def generations_stage(params: Params, run: Run, name: str, slice_name: str = "test",
-                      upstream: Artifact | None = None) -> Artifact:
-    """Greedy responses of model ``name`` to the safety prompts (spec/nlsr.md §6.1) as ``generations.json``."""
-    from .data.templates import alpaca_prompt
+def generate_for(params: Params, ref: ModelRef, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+    """Greedy responses of ``ref`` (base + adapter as a PeftModel, not merged) to formatted prompts."""
     from .evaluate.generation import generate_responses
     from .models import load_tokenizer, load_with_adapter
 
-    base_dir, adapter_dir = model_under_test(params, run, name)
-    upstream = upstream or (align_stage(params, run, name) if name != "base" else base_model_stage(params, run))
-    config = {"model": name, "slice": slice_name, "generation": to_dict(params.generation),
+    model = load_with_adapter(ref.base, ref.adapter, params.model)
+    tokenizer = load_tokenizer(ref.base, params.model)
+    return generate_responses(model, tokenizer, prompts, max_new_tokens, params.generation.batch_size, desc=desc)
+
+
+def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> Artifact:
+    """Greedy responses of a model to the safety prompts (spec/nlsr.md §6.1) as ``generations.json``."""
+    from .data.templates import alpaca_prompt
+
+    ref = model if isinstance(model, ModelRef) else model_ref(params, run, model)
+    config = {"model": ref.tag, "slice": slice_name, "generation": to_dict(params.generation),
               "data": to_dict(params.data), "dtype": params.model.dtype}
 
     def build(out: Path) -> dict:
         prompts = safety_prompts(params, run, slice_name)
-        model = load_with_adapter(base_dir, adapter_dir, params.model)
-        tokenizer = load_tokenizer(base_dir, params.model)
-        responses = generate_responses(model, tokenizer, [alpaca_prompt(p) for p in prompts],
-                                       params.generation.max_new_tokens, params.generation.batch_size,
-                                       desc=f"generate {name}/{slice_name}")
+        responses = generate_for(params, ref, [alpaca_prompt(p) for p in prompts], params.generation.max_new_tokens,
+                                 desc=f"generate {ref.tag}/{slice_name}")
         atomic_write_json(out / "generations.json", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
         return {"n": len(prompts)}
 
-    return run.stage(f"generations/{name}/{slice_name}", config, build, inputs={"model": upstream})
+    return run.stage(f"generations/{ref.tag}/{slice_name}", config, build, inputs={"model": ref.artifact})
 
 
 def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str) -> Artifact:
@@ -271,9 +301,10 @@ def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str
                      inputs=inputs)
 
 
-def harmful_scores(params: Params, run: Run, name: str, slice_name: str = "test") -> list[dict]:
-    """One record per enabled judge: ``{model, judge, slice, harmful_score, n, primary}``."""
-    generations = generations_stage(params, run, name, slice_name)
+def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> list[dict]:
+    """One record per enabled judge: ``{method, judge, slice, harmful_score, n, primary}``."""
+    generations = generations_stage(params, run, model, slice_name)
+    name = model.tag if isinstance(model, ModelRef) else model
     records = []
     for judge_name in params.judges.enabled:
         summary = judge_stage(params, run, generations, judge_name).manifest()["summary"]

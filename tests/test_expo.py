@@ -61,3 +61,12 @@ def test_adapter_files_in_and_out_keep_dtype(tmp_path):
     out, config = read_adapter(tmp_path / "b")
     assert out[KEY_B].dtype == torch.bfloat16 and out[KEY_B][0, 0].item() == pytest.approx(1.9, rel=1e-2)
     assert config["r"] == 2 and (tmp_path / "b" / "tokenizer.json").is_file()
+
+
+def test_alpha_choice_lowest_validation_score_then_smallest_alpha():
+    from nlsr_lib.expo import choose_alpha
+
+    assert choose_alpha({0.1: 30.0, 0.5: 10.0, 0.9: 12.0}) == 0.5
+    assert choose_alpha({0.9: 5.0, 0.3: 5.0, 0.0: 40.0}) == 0.3
+    with pytest.raises(ValueError):
+        choose_alpha({})

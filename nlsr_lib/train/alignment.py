@@ -131,6 +131,10 @@ def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], t
     args = config_cls(**trainer_arguments(tc, work, dtype, quiet), **method_kwargs(tc))
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           peft_config=lora_config)
+    if quiet:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     result = trainer.train()
     if trainer.accelerator.is_main_process:  # one writer under `accelerate launch`; no pickled training_args
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out_dir))
