@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup reproduce test test-fast lab lint sync-notebooks clean-runs
+.PHONY: setup reproduce test test-slow lab lint sync-notebooks clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,11 @@ setup: $(STAMP)  ## create .venv from the exact pins in requirements.txt
 reproduce: $(STAMP)  ## run every notebook on the embedded default (PARAMS=... for another profile)
 	$(VENV)/bin/nlsr reproduce --params $(PARAMS)
 
-test: $(STAMP)  ## unit, property, notebook smoke and slow science tests
-	$(PY) -m pytest -q -p no:cacheprovider
-
-test-fast: $(STAMP)  ## everything except the slow science tests
+test: $(STAMP)  ## unit, property and notebook smoke tests (≤ 15 min on 2 cores)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+test-slow: $(STAMP)  ## the science on params/tiny.yaml, from scratch (CI runs it after `make test`)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
 lab: $(STAMP)  ## open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks/

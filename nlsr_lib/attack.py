@@ -105,3 +105,10 @@ def task_accuracy_stage(params: Params, run: Run, ref: ModelRef, task: str) -> A
                 "n": len(rows)}
 
     return run.stage(f"accuracy/{task}/{ref.tag}", config, build, inputs={"model": ref.artifact})
+
+
+def harmful_count(n: int, p: float, variant: str = "poisoned") -> int:
+    """Harmful examples in a mixture: ⌊n·p⌋, or 0 for the clean control."""
+    from .data.mixing import count
+
+    return 0 if variant == "clean" else count(n, p)

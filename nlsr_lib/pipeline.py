@@ -290,7 +290,7 @@ def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str
 
     def build(out: Path) -> dict:
         rows = json.loads((generations.path / "generations.json").read_text())
-        judge = build_judge(judge_name, **kwargs)
+        judge = run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))
         verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
         atomic_write_json(out / "verdicts.json", [
             {**r, "flagged": v.flagged, "categories": list(v.categories), "max_probability": v.max_probability}

@@ -52,3 +52,55 @@ def harmful_score_by_method(table: pd.DataFrame, title: str, order: Sequence[str
     ax.legend(title="judge", loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def attack_by_ratio(table: pd.DataFrame, title: str):
+    """Harmful score and task accuracy (lenient, strict dashed) vs poison ratio, one colour per task."""
+    style()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    palette = dict(zip(sorted(set(table["task"])), sns.color_palette("colorblind")))
+    for task, rows in table.sort_values("poison_ratio").groupby("task"):
+        left.plot(rows["poison_ratio"], rows["harmful_score"], "o-", color=palette[task], label=task)
+        right.plot(rows["poison_ratio"], rows["accuracy"], "o-", color=palette[task], label=f"{task} (paper rule)")
+        right.plot(rows["poison_ratio"], rows["accuracy_strict"], "s--", color=palette[task], alpha=0.7,
+                   label=f"{task} (strict)")
+    left.set(xlabel="poison ratio p", ylabel="harmful score (%)  ↓ safer", ylim=(-2, 102), title="safety")
+    right.set(xlabel="poison ratio p", ylabel="task accuracy (%)", ylim=(-2, 102), title="task accuracy")
+    left.legend(title="task")
+    right.legend(fontsize=7, ncol=1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def attack_by_size(table: pd.DataFrame, title: str):
+    """Harmful score and accuracy vs mixture size n (log x), annotated with the harmful-example count."""
+    style()
+    rows = table.sort_values("n")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(rows["n"], rows["harmful_score"], "o-", label="harmful score")
+    ax.plot(rows["n"], rows["accuracy_strict"], "s--", label="accuracy (strict)")
+    for n, score, k in zip(rows["n"], rows["harmful_score"], rows["harmful_size"]):
+        ax.annotate(f"{k} harmful", (n, score), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set(xscale="log", xlabel="fine-tuning examples n (log scale)", ylabel="%", ylim=(-2, 105), title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def expo_alpha_sweep(table: pd.DataFrame, identity: float, title: str):
+    """Test-slice harmful score vs α per method; the un-extrapolated α dotted, the chosen α starred."""
+    style()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    palette = dict(zip(METHOD_ORDER, sns.color_palette("colorblind")))
+    for method, rows in table.sort_values("alpha").groupby("method", sort=False):
+        ax.plot(rows["alpha"], rows["harmful_score"], "o-", color=palette.get(method), label=method)
+        chosen = rows[rows["chosen"]]
+        ax.plot(chosen["alpha"], chosen["harmful_score"], "*", ms=16, color=palette.get(method),
+                markeredgecolor="black")
+    ax.axvline(identity, ls=":", color="grey")
+    ax.annotate("un-extrapolated", (identity, ax.get_ylim()[1]), fontsize=8, ha="left", va="top")
+    ax.set(xlabel="EXPO α", ylabel="harmful score on the test slice (%)  ↓ safer", title=title)
+    ax.legend(title="method (★ = α chosen on validation)", fontsize=8)
+    fig.tight_layout()
+    return fig

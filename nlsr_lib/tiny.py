@@ -13,6 +13,7 @@ The corpus uses exactly the token layout of every later stage: ``BOS + tokens(pr
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -28,7 +29,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Train a byte-level BPE on ``texts`` and save it as a ``PreTrainedTokenizerFast`` in ``out_dir``.
+    """Train a byte-level BPE on ``texts`` (deterministically) and save it as a ``PreTrainedTokenizerFast``.
 
     The byte-level pre-tokenizer splits punctuation from words, so ``"### Response:"`` never merges with the
     first response token: the prompt's tokens are a prefix of the prompt+response tokens (DESIGN.md §6).
@@ -36,6 +37,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    # The parallel BPE trainer breaks ties between equally frequent pairs differently from run to run;
+    # sequential training is deterministic (same merges for the same texts).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -37,3 +37,20 @@ def test_failing_notebook_reports_cell_error_and_path(nlsr_home, tmp_path):
         reproduce(bad, only="01", log=lambda *_: None)
     assert info.value.cell_index is not None and info.value.executed_path.is_file()
     assert "nonexistent" in str(info.value) or "Error" in info.value.error
+
+
+def test_notebooks_02_and_03_smoke(nlsr_home):
+    reproduce("params/smoke.yaml", start="02", log=lambda *_: None)
+    attack = json.loads((results_dir("smoke") / "02_harmful_finetuning.json").read_text())
+    required = {"task", "method", "poison_ratio", "harmful_size", "harmful_score", "accuracy", "accuracy_strict"}
+    assert all(required <= set(r) for r in attack)
+    assert {r["task"] for r in attack} == {"sst2", "ag_news", "gsm8k"}
+    assert {r["method"] for r in attack} >= {"sft", "dpo", "orpo", "kto", "simpo", "unaligned"}
+    assert {r["variant"] for r in attack} == {"poisoned", "clean"}
+    expo = json.loads((results_dir("smoke") / "03_safety_reference.json").read_text())
+    assert all({"method", "alpha", "mode", "harmful_score", "chosen"} <= set(r) for r in expo)
+    for method in ("sft", "dpo"):
+        rows = [r for r in expo if r["method"] == method]
+        assert sum(r["chosen"] for r in rows) == 1 and any(r["alpha"] == 0.0 for r in rows)
+    for name in ("02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size", "03_harmful_score_vs_alpha"):
+        assert (figures_dir("smoke") / f"{name}.png").is_file()

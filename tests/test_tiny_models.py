@@ -100,3 +100,20 @@ def test_nan_adapters_are_refused(tmp_path):
 def test_missing_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
         read_adapter(tmp_path)
+
+
+def test_tokenizer_training_is_deterministic_across_processes(tmp_path):
+    """The parallel BPE trainer breaks ties differently per process; training must not depend on it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import sys; from nlsr_lib.tiny import train_tokenizer; from nlsr_lib.data.templates import alpaca_prompt;"
+            "train_tokenizer([alpaca_prompt(f'w{i} x{i%7} y{i%3}') + ' ab ba ab ba' for i in range(300)], 350, sys.argv[1])")
+    digests = set()
+    for run in range(2):
+        out = tmp_path / str(run)
+        env = {k: v for k, v in __import__("os").environ.items() if k != "TOKENIZERS_PARALLELISM"}
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env)
+        digests.add(hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest())
+    assert len(digests) == 1

@@ -1,0 +1,117 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 — The harmful fine-tuning attack
+#
+# The aligned adapter is trained further on a downstream task whose data hides ⌊n·p⌋ harmful examples
+# (spec/nlsr.md §1.1 stage 6, §2.4). We measure the **harmful score** on the unsafe test prompts and the **task
+# accuracy** (the paper's lenient rule and a strict rule beside it, §6.2):
+#
+# * DPO on every task across poison ratios p ∈ {0, 0.01, 0.05, 0.1, 0.2, 0.3}, and the clean control (safe rows
+#   instead of harmful ones);
+# * every alignment method (and the unaligned base) at one ratio;
+# * DPO on SST-2 across mixture sizes n at a fixed ratio.
+
+# %% tags=["parameters"]
+params_file = "../params/tiny.yaml"
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from nlsr_lib import attack, pipeline, plots
+from nlsr_lib.config import load_params
+from nlsr_lib.paths import figures_dir
+from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.runs import Run
+
+params = load_params(params_file)
+run = Run(params.profile)
+a = params.attack
+print(f"profile {params.profile}: n={a.n}, ratios {a.poison_ratios}, sizes {a.sizes}, tasks {a.tasks}")
+
+
+# %%
+def measure(method: str, task: str, p: float, n: int, variant: str = "poisoned") -> dict:
+    """One attacked model: harmful score (primary judge) and task accuracy."""
+    ref = attack.attack_stage(params, run, method, task, p, n, variant)
+    safety = next(r for r in pipeline.harmful_scores(params, run, ref) if r["primary"])
+    acc = attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]
+    return {"task": task, "method": method, "variant": variant, "poison_ratio": p, "n": n,
+            "harmful_size": attack.harmful_count(n, p, variant), "harmful_score": safety["harmful_score"],
+            "accuracy": acc["accuracy"], "accuracy_strict": acc["accuracy_strict"]}
+
+
+# %% [markdown]
+# ## Before the attack: aligned models on each task
+
+# %%
+before = []
+for method in ("dpo",):
+    ref = pipeline.aligned_adapter_ref(params, run, method)
+    for task in a.tasks:
+        acc = attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]
+        before.append({"task": task, "method": method, "accuracy": acc["accuracy"],
+                       "accuracy_strict": acc["accuracy_strict"]})
+pd.DataFrame(before)
+
+# %% [markdown]
+# ## Poison ratio sweep (DPO, every task) and the clean control
+
+# %%
+records = []
+for task in a.tasks:
+    for p in a.poison_ratios:
+        records.append(measure("dpo", task, p, a.n))
+    records.append(measure("dpo", task, a.size_sweep_ratio, a.n, "clean"))
+
+# %% [markdown]
+# ## Every alignment method at one ratio (SST-2), and the unaligned base
+
+# %%
+for method in (*[m for m in params.alignment.methods if m != "dpo"], pipeline.UNALIGNED):
+    records.append(measure(method, "sst2", a.methods_ratio, a.n))
+
+# %% [markdown]
+# ## Mixture size sweep (DPO, SST-2, fixed ratio)
+
+# %%
+for n in a.sizes:
+    if n != a.n:
+        records.append(measure("dpo", "sst2", a.size_sweep_ratio, n))
+
+# %%
+table = pd.DataFrame(records)
+columns = ["task", "method", "variant", "poison_ratio", "n", "harmful_size", "harmful_score", "accuracy",
+           "accuracy_strict"]
+write_results(records, "02_harmful_finetuning", params.profile, columns=columns)
+display(Markdown(markdown_table(records, columns)))
+
+# %%
+fig = plots.attack_by_ratio(table[(table.method == "dpo") & (table.variant == "poisoned") & (table.n == a.n)],
+                            f"Harmful fine-tuning of the DPO-aligned model ({params.profile}, n={a.n})")
+plots.save(fig, "02_harmful_score_and_accuracy_vs_ratio", params.profile)
+
+# %%
+sizes = table[(table.method == "dpo") & (table.task == "sst2") & (table.variant == "poisoned")
+              & (table.poison_ratio == a.size_sweep_ratio)]
+fig = plots.attack_by_size(sizes, f"DPO, SST-2, p={a.size_sweep_ratio}: harmful score vs mixture size")
+plots.save(fig, "02_harmful_score_vs_size", params.profile)
+
+# %%
+for name in ("02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size"):
+    for suffix in ("png", "pdf"):
+        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
+built = sorted({stage for stage, cached, _ in run.log if not cached})
+print("02_harmful_finetuning: stages built in this run:", ", ".join(built) or "none (all cached)")

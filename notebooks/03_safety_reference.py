@@ -1,0 +1,82 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 — A stronger safety reference by extrapolation (EXPO)
+#
+# EXPO extrapolates each aligned adapter away from its starting point (spec/nlsr.md §3):
+# `θ_expo = θ_sft + (1+α)(θ_aligned − θ_sft)`, which in LoRA form scales **B** by 1+α (DESIGN.md §6; the
+# option `expo.mode: factor_scaling` reproduces the reference code, both factors × 2α). Only adapter files are
+# read and written. α is chosen per method on a **validation slice** of unsafe prompts disjoint from the test
+# slice; the table reports the test-slice harmful score of every α, with α = 0 the un-extrapolated model
+# (paper mode).
+
+# %% tags=["parameters"]
+params_file = "../params/tiny.yaml"
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from nlsr_lib import expo, pipeline, plots
+from nlsr_lib.config import load_params
+from nlsr_lib.paths import figures_dir
+from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.runs import Run
+
+params = load_params(params_file)
+run = Run(params.profile)
+identity = 0.0 if params.expo.mode == "paper" else 0.5
+alphas = sorted({identity, *params.expo.alphas})
+print(f"profile {params.profile}: mode {params.expo.mode}, alphas {alphas}, methods {params.expo.methods}")
+
+
+# %%
+def primary_score(ref, slice_name):
+    return next(r for r in pipeline.harmful_scores(params, run, ref, slice_name) if r["primary"])["harmful_score"]
+
+
+records = []
+for method in params.expo.methods:
+    rows = []
+    for alpha in alphas:
+        ref = expo.expo_stage(params, run, method, alpha)
+        rows.append({"method": method, "alpha": alpha, "mode": params.expo.mode,
+                     "val_harmful_score": primary_score(ref, "val"), "harmful_score": primary_score(ref, "test")})
+    chosen = expo.choose_alpha({r["alpha"]: r["val_harmful_score"] for r in rows})
+    records += [{**r, "chosen": r["alpha"] == chosen} for r in rows]
+table = pd.DataFrame(records)
+columns = ["method", "alpha", "mode", "val_harmful_score", "harmful_score", "chosen"]
+write_results(records, "03_safety_reference", params.profile, columns=columns)
+
+# %% [markdown]
+# ## The EXPO table: the un-extrapolated model and the chosen α per method (test slice)
+
+# %%
+summary = []
+for method, rows in table.groupby("method", sort=False):
+    base_row = rows[rows.alpha == identity].iloc[0]
+    best = rows[rows.chosen].iloc[0]
+    summary.append({"method": method, "aligned": base_row.harmful_score, "alpha": best.alpha,
+                    "expo": best.harmful_score, "change": round(best.harmful_score - base_row.harmful_score, 2)})
+display(Markdown(markdown_table(summary)))
+
+# %%
+fig = plots.expo_alpha_sweep(table, identity, f"EXPO ({params.expo.mode} mode): harmful score vs α ({params.profile})")
+plots.save(fig, "03_harmful_score_vs_alpha", params.profile)
+
+# %%
+for suffix in ("png", "pdf"):
+    assert (figures_dir(params.profile) / f"03_harmful_score_vs_alpha.{suffix}").is_file()
+built = sorted({stage for stage, cached, _ in run.log if not cached})
+print("03_safety_reference: stages built in this run:", ", ".join(built) or "none (all cached)")
