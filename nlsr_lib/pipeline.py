@@ -175,15 +175,17 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
     start = align_stage(params, run, "sft") if spec.on_sft_base else base
     start_dir = location(start, "merged") if spec.on_sft_base else location(base)
     tc = spec.train_config(params)
-    config = {"method": method, "train": to_dict(tc), "lora": to_dict(params.lora), "data": to_dict(params.data),
-              "model": to_dict(params.model)}
+    d = params.data
+    config = {"method": method, "train": to_dict(tc), "lora": to_dict(params.lora), "model": to_dict(params.model),
+              "data": {"sources": to_dict(d.sources), "sft_size": d.sft_size, "preference_size": d.preference_size,
+                       "kto_safe": d.kto_safe, "kto_unsafe": d.kto_unsafe}}
 
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(start_dir, params.model)
         model = load_causal_lm(start_dir, params.model)
         rows = spec.rows(params, load_sources(params, run))
         summary = train_adapter(spec, model, tokenizer, rows, tc, peft_lora_config(params.lora), out / "adapter",
-                                params.model.dtype, quiet=_quiet())
+                                params.model.dtype, quiet=quiet())
         tokenizer.save_pretrained(str(out / "adapter"))
         if method == "sft":
             merge_adapter(start_dir, out / "adapter", out / "merged", params.model)
@@ -193,7 +195,8 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
     return run.stage(f"align/{method}", config, build, inputs=inputs)
 
 
-def _quiet() -> bool:
+def quiet() -> bool:
+    """Progress bars and trainer logs off under CI or ``NLSR_QUIET``."""
     import os
 
     return bool(os.environ.get("CI")) or bool(os.environ.get("NLSR_QUIET"))
@@ -237,14 +240,20 @@ def aligned_adapter_ref(params: Params, run: Run, method: str) -> ModelRef:
     return ModelRef(method, base_dir, str(aligned.path / "adapter"), aligned)
 
 
+def safety_slice(params: Params, slice_name: str) -> tuple[int, int]:
+    """[start, end) of the ``test`` or ``val`` slice of unsafe prompts (spec/nlsr.md §6.1, §3)."""
+    d = params.data
+    slices = {"test": (d.safety_test_start, d.safety_test_end), "val": (d.safety_val_start, d.safety_val_end)}
+    if slice_name not in slices:
+        raise ValueError(f"unknown prompt slice {slice_name!r}; allowed: test, val")
+    return slices[slice_name]
+
+
 def safety_prompts(params: Params, run: Run, slice_name: str) -> list[str]:
     """Unsafe BeaverTails ``30k_test`` prompts of the ``test`` or ``val`` slice (spec/nlsr.md §6.1)."""
     from .data.builders import safety_eval_prompts
 
-    d = params.data
-    start, end = {"test": (d.safety_test_start, d.safety_test_end),
-                  "val": (d.safety_val_start, d.safety_val_end)}[slice_name]
-    return safety_eval_prompts(load_sources(params, run)["beavertails"]["30k_test"], start, end)
+    return safety_eval_prompts(load_sources(params, run)["beavertails"]["30k_test"], *safety_slice(params, slice_name))
 
 
 def generate_for(params: Params, ref: ModelRef, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
@@ -262,8 +271,9 @@ def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_nam
     from .data.templates import alpaca_prompt
 
     ref = model if isinstance(model, ModelRef) else model_ref(params, run, model)
-    config = {"model": ref.tag, "slice": slice_name, "generation": to_dict(params.generation),
-              "data": to_dict(params.data), "dtype": params.model.dtype}
+    config = {"model": ref.tag, "slice": slice_name, "range": safety_slice(params, slice_name),
+              "prompts": params.data.sources.beavertails, "generation": to_dict(params.generation),
+              "dtype": params.model.dtype}
 
     def build(out: Path) -> dict:
         prompts = safety_prompts(params, run, slice_name)

@@ -45,7 +45,7 @@ def harmful_score_by_method(table: pd.DataFrame, title: str, order: Sequence[str
     sns.barplot(data=table, x="method", y="harmful_score", hue="judge", order=methods, ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
-    ax.set_xlabel("model (base = unaligned; others = W_sft + aligned LoRA)")
+    ax.set_xlabel("model (base = unaligned; sft = W_sft; others = W_sft + their preference LoRA)")
     ax.set_ylabel("harmful score (%)  ↓ safer")
     ax.set_ylim(0, 105)
     ax.set_title(title)
