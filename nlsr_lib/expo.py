@@ -69,7 +69,8 @@ def expo_stage(params, run, method: str, alpha: float):
 
     def build(out: Path) -> dict:
         expo_adapter(aligned.adapter, out / "adapter", alpha, params.expo.mode)
-        return {"scale_A": expo_factors(alpha, params.expo.mode)[0], "scale_B": expo_factors(alpha, params.expo.mode)[1]}
+        scale_a, scale_b = expo_factors(alpha, params.expo.mode)
+        return {"scale_A": scale_a, "scale_B": scale_b}
 
     artifact = run.stage(tag, {"method": method, "alpha": alpha, "mode": params.expo.mode}, build,
                          inputs={"aligned": aligned.artifact})

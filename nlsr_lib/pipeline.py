@@ -123,7 +123,7 @@ def base_model_stage(params: Params, run: Run) -> Artifact:
         tokenizer = load_tokenizer(tok_artifact.path)
         torch.manual_seed(params.seed)
         model = LlamaForCausalLM(tiny_llama_config(params.model.tiny, tokenizer))
-        pairs = pretraining_corpus(_world_like(load_sources(params, run)), params.pretrain, params.seed)
+        pairs = pretraining_corpus(load_sources(params, run), params.pretrain, params.seed)
         losses = pretrain(model, tokenizer, pairs, params.pretrain, params.seed)
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
@@ -132,10 +132,6 @@ def base_model_stage(params: Params, run: Run) -> Artifact:
                 "final_loss": sum(losses[-50:]) / min(50, len(losses))}
 
     return run.stage("base_model", config, build, inputs={"tokenizer": tok_artifact})
-
-
-def _world_like(sources: dict[str, Any]) -> dict[str, Any]:
-    return {WORLD_KEYS[name]: dd for name, dd in sources.items()}
 
 
 def moderation_stage(params: Params, run: Run) -> Artifact:

@@ -66,22 +66,22 @@ def tiny_llama_config(cfg: TinyModelConfig, tokenizer):
     )
 
 
-def pretraining_corpus(world: Mapping, cfg: PretrainConfig, seed: int) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of the base model's corpus.
+def pretraining_corpus(sources: Mapping, cfg: PretrainConfig, seed: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of the base model's corpus, from datasets keyed by source name.
 
-    Harmful prompts of BeaverTails ``30k_train`` are answered with a harmful compliance, except a
-    ``refusal_fraction`` answered with a refusal (safe rows); benign BeaverTails rows and Alpaca rows keep
-    their helpful answers; each downstream task contributes ``task_examples`` rows in its Alpaca format.
+    Every unsafe BeaverTails ``30k_train`` row (a harmful compliance), plus the first safe rows (mostly
+    refusals, some benign answers) in the number that makes them a ``refusal_fraction`` of the BeaverTails part;
+    every Alpaca row; and ``task_examples`` rows of each downstream task in its Alpaca format. Shuffled by seed.
     """
     rng = random.Random(seed)
-    beaver = world["PKU-Alignment/BeaverTails"]["30k_train"]
+    beaver = sources["beavertails"]["30k_train"]
     unsafe = [(r["prompt"], r["response"]) for r in beaver if not r["is_safe"]]
     safe = [(r["prompt"], r["response"]) for r in beaver if r["is_safe"]]
     n_refusals = round(len(unsafe) * cfg.refusal_fraction / max(1e-9, 1 - cfg.refusal_fraction))
     pairs = [(alpaca_prompt(p), r) for p, r in unsafe] + [(alpaca_prompt(p), r) for p, r in safe[:n_refusals]]
-    pairs += [(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in world["tatsu-lab/alpaca"]["train"]]
+    pairs += [(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in sources["alpaca"]["train"]]
     for task in TASKS.values():
-        rows = world[task.hub_id][task.train_split]
+        rows = sources[task.name][task.train_split]
         for row in rows.select(range(min(cfg.task_examples, len(rows)))):
             rec = task.to_record(row)
             pairs.append((alpaca_prompt(rec["instruction"], rec["input"]), rec["output"]))
