@@ -4,11 +4,14 @@
 * ``nlsr stage NAME --params FILE [--method M] [--force]`` runs one stage (under ``accelerate launch`` for
   multi-GPU training); stage names come from :data:`STAGES`.
 * ``nlsr params FILE`` validates a params file and prints it fully resolved.
+* ``nlsr bench NAME [ARGS...]`` runs one benchmark of ``benchmarks/NAME.py`` (its ``main(argv)``); the
+  benchmark prints one JSON object as its last line. ``nlsr bench all`` runs every one in turn.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Callable
 
@@ -38,6 +41,27 @@ STAGES: dict[str, Callable] = {
 }
 
 
+def benchmark_names() -> list[str]:
+    """Benchmarks are the modules ``benchmarks/NAME.py`` beside the package (files starting with ``_`` excluded)."""
+    from .paths import PROJECT_ROOT
+
+    return sorted(p.stem for p in (PROJECT_ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """Import ``benchmarks/<name>.py`` by path and call its ``main(argv)``."""
+    from .paths import PROJECT_ROOT
+
+    names = benchmark_names()
+    if name not in names:
+        raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(names) or 'none'}")
+    path = PROJECT_ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"nlsr_benchmarks.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(argv) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nlsr", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     pa = sub.add_parser("params", help="validate a params file and print it resolved")
     pa.add_argument("file")
 
+    be = sub.add_parser("bench", help="run a benchmark of benchmarks/ (last line: one JSON object)")
+    be.add_argument("name", help="benchmark name (a file of benchmarks/), or 'all'")
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
     args = parser.parse_args(argv)
     try:
+        if args.command == "bench":
+            names = benchmark_names() if args.name == "all" else [args.name]
+            return max((run_benchmark(name, args.bench_args) for name in names), default=0)
         if args.command == "params":
             print(dump_params(load_params(args.file)), end="")
             return 0
