@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup reproduce test test-slow lab lint sync-notebooks clean-runs
+.PHONY: setup reproduce test test-slow lab lint sync-notebooks clean-runs bench
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)  ## notebooks carry no outputs and match their py:percent twins
 
 sync-notebooks: $(STAMP)  ## regenerate each .ipynb from its py:percent twin (outputs stripped)
 	$(VENV)/bin/jupytext --to ipynb --update-metadata '{"jupytext": {"formats": "ipynb,py:percent"}}' notebooks/*.py
+
+bench: $(STAMP)  ## install the `bench` extra (mergekit, --no-deps: the pins stay) and run every benchmark
+	$(PY) -m pip install -q --no-deps mergekit==0.1.5 immutables==0.21
+	$(VENV)/bin/nlsr bench all
 
 clean-runs:  ## delete the stage cache of every profile
 	rm -rf runs/

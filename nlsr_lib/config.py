@@ -207,6 +207,132 @@ class ExpoConfig:
     methods: tuple[str, ...] = _f(ALIGNMENT_METHOD_NAMES)
 
 
+# --------------------------------------------------------------------------------------------- safety regions
+REGION_SCORER_NAMES = ("wanda", "snip", "preference_snip", "random", "low_rank", "wanda_set_difference",
+                       "snip_set_difference")
+
+
+@dataclass(frozen=True)
+class RegionCalibrationConfig:
+    """Calibration set of the region scorers (spec/nlsr.md §2.5): n rows sampled with the seed."""
+
+    n: int = _f(2000, range=(1, None), doc="rows sampled (all rows if fewer)")
+    seed: int = _f(42)
+    max_length: int = _f(1024, range=(8, None), doc="prompt + response + EOS tokens, cut at the end")
+    batch_size: int = _f(8, range=(1, None), doc="forward batch; gradient scorers still use one sample at a time")
+
+
+@dataclass(frozen=True)
+class SnipConfig:
+    """Gradient scorers (spec/nlsr.md §4.3-4.4, DESIGN.md §6 "SNIP gradients")."""
+
+    cumulative_grad: bool = _f(False, doc="true: never zero gradients between samples (reference code)")
+    preference_beta: float = _f(0.1, range=(0.0, None), doc="DPO beta of preference_snip")
+
+
+@dataclass(frozen=True)
+class SetDifferenceConfig:
+    """Top-q safety minus top-p utility entries per matrix (spec/merging.md §3.2)."""
+
+    q: float = _f(0.1, range=(0.0, 1.0), doc="share of entries in the safety top set")
+    p: float = _f(0.1, range=(0.0, 1.0), doc="share of entries in the utility top set")
+
+
+@dataclass(frozen=True)
+class RegionsConfig:
+    """Safety-critical region scorers -> masks (spec/nlsr.md §4, DESIGN.md §6)."""
+
+    scorers: tuple[str, ...] = _f(("low_rank", "wanda", "snip", "preference_snip", "random"))
+    mask_sparsity: float = _f(0.8, range=(0.0, 1.0), open_hi=True, doc="pruned share; the mask keeps ⌈(1-s)·n⌉")
+    rank_keep_ratio: float = _f(0.8, range=(0.0, 1.0), doc="low_rank: q = ⌊min(o, k)·ratio⌋ directions kept")
+    svd: str = _f("exact", choices=("exact", "randomized"), doc="low_rank eigendecomposition")
+    svd_niter: int = _f(20, range=(0, None), doc="power iterations of svd: randomized")
+    tie_rule: str = _f("index", choices=("index", "reference"), doc="exact count, ties by index | reference code")
+    positions: str = _f("response", choices=("response", "predicting"),
+                        doc="statistics at response tokens | at the positions predicting them")
+    propagate: bool = _f(False, doc="wanda/low_rank: process layers sequentially on modified layers (reference)")
+    seed: int = _f(42, doc="random scorer, randomized SVD, reference tie rule's random zeros")
+    snip: SnipConfig = _sub(SnipConfig)
+    set_difference: SetDifferenceConfig = _sub(SetDifferenceConfig)
+    calibration: RegionCalibrationConfig = _sub(RegionCalibrationConfig)
+
+
+# --------------------------------------------------------------------------------------------- model fusion
+FUSION_OPERATOR_NAMES = ("weight_averaging", "task_arithmetic", "ties", "dare", "consensus_ta", "consensus_ties")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Model fusion (spec/somf.md §3, spec/merging.md §1-2; nlsr_lib/fusion): the papers' values, SOMF's where the
+    papers leave a choice open."""
+
+    operators: tuple[str, ...] = _f(FUSION_OPERATOR_NAMES)
+    lam: float = _f(0.3, range=(0.0, None), doc="λ of task arithmetic, DARE and Consensus TA (SOMF multi-task 0.3)")
+    ties_lambda: float = _f(1.0, range=(0.0, None), doc="λ of TIES / Consensus TIES (paper 1.0; SOMF 0.4 with sum)")
+    ties_density: float = _f(0.2, range=(0.0, 1.0), doc="TIES keeps the top ⌊density·D⌋ magnitudes")
+    ties_scope: str = _f("global", choices=("global", "tensor"),
+                         doc="trim over the whole model (paper, SOMF) | per tensor (mergekit, PEFT)")
+    ties_disjoint: str = _f("mean", choices=("mean", "sum"), doc="disjoint mean (paper) | dis-sum (SOMF code)")
+    dare_drop: float = _f(0.2, range=(0.0, 1.0), open_hi=True, doc="DARE drop rate p (SOMF multi-task 0.2)")
+    dare_seed: int = _f(42, doc="DARE masks: one generator per (seed, tensor, task)")
+    consensus_k: int = _f(2, range=(0, None), doc="keep weights used by >= k tasks (TALL masks paper)")
+    consensus_lambda_t: float = _f(0.6, range=(0.0, None), doc="TALL mask λ_t (paper grid 0.2-0.6)")
+    single_task_identity: bool = _f(False, doc="n = 1: WA/TA/TIES return τ unchanged (SOMF code)")
+    region_where: str = _f("outside", choices=("inside", "outside"), doc="fuse inside | outside the safety region")
+    head_fraction: float = _f(0.1, range=(0.0, 1.0), doc="share of attention heads forming the head-level region")
+    max_shard_size: int = _f(5_000_000_000, range=(1, None), doc="bytes per output safetensors shard")
+    device: str = _f("cpu", doc="where merges compute: 'cpu', 'cuda' or 'cuda:N'")
+
+
+# --------------------------------------------------------------------------------------------- restoration
+RESTORE_STRATEGY_NAMES = ("adaptive", "threshold", "layers", "all")
+DEFENCE_NAMES = ("none", "nlsr", "safelora", "resta", "aligned_adapter", "random_mask")
+
+
+@dataclass(frozen=True)
+class SafeLoraConfig:
+    """SafeLoRA baseline (spec/nlsr.md §5.6, §7; DESIGN.md §6): V = the aligned adapter's update κ·B·A."""
+
+    variant: str = _f("published", choices=("published", "nlsr_code"),
+                      doc="project B where cos <= tau (paper) | A (input side) where cos < tau (NLSR code)")
+    projection: str = _f("approx", choices=("approx", "exact"),
+                         doc="C = V Vᵀ/‖V‖_F (published code) | orthogonal projector onto col V")
+    tau: float = _f(0.6, range=(-1.0, 1.0), doc="cosine threshold; the NLSR paper's SafeLoRA runs use 0.6 (§7)")
+    masked: bool = _f(False, doc="mask the aligned factors first (the NLSR code's mask_scale)")
+
+
+@dataclass(frozen=True)
+class RestaConfig:
+    """RESTA baseline (spec/somf.md §3.5): the attacked adapter plus gamma × the safety vector."""
+
+    gamma: float = _f(0.2, range=(0.0, None), doc="SOMF's PEFT runs: 0.2")
+    space: str = _f("weight", choices=("weight", "factor"),
+                    doc="exact weight-space sum as a rank-2r LoRA (paper) | A+γÂ, B+γB̂ (SOMF code)")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """NLSR restoration (spec/nlsr.md §5; canonical run §1.1: adaptive, ρ = 0.5, ε = 0.2, seed 42) and the
+    training-free baselines (nlsr_lib/restore)."""
+
+    defences: tuple[str, ...] = _f(DEFENCE_NAMES)
+    strategy: str = _f("adaptive", choices=RESTORE_STRATEGY_NAMES,
+                       doc="probability-based layer pruning (§5.5) | threshold (§5.4) | layers (§5.7) | all")
+    correction: str = _f("neuron", choices=("neuron", "module"),
+                         doc="masked entries take the reference values (§5.3) | whole selected modules")
+    similarity: str = _f("gram", choices=("gram", "explicit"), doc="Gram identity (exact, fast) | d_out×d_in products")
+    prune_rate: float = _f(0.5, range=(0.0, 1.0), doc="ρ: expected share of modules restored (adaptive)")
+    epsilon: float = _f(0.2, range=(0.0, 1.0), doc="ε: probabilities ρ±ε, linear in similarity rank (adaptive)")
+    favor: str = _f("low_similarity", choices=("low_similarity", "high_similarity"),
+                    doc="less similar modules more likely restored (DESIGN §6) | more similar (reference code)")
+    tau: float = _f(0.6, range=(-1.0, 1.0),
+                    doc="threshold strategy: restore modules with similarity < tau (EXPO sweep 0.6-0.9, §5.4)")
+    layers: tuple[int, ...] = _f((0, 0), doc="layers strategy: decoder layers [a, b)")
+    seed: int = _f(42, doc="the adaptive draw and the random-mask control")
+    safelora: SafeLoraConfig = _sub(SafeLoraConfig)
+    resta: RestaConfig = _sub(RestaConfig)
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -254,6 +380,9 @@ class Params:
     alignment: AlignmentConfig = _sub(AlignmentConfig)
     attack: AttackConfig = _sub(AttackConfig)
     expo: ExpoConfig = _sub(ExpoConfig)
+    regions: RegionsConfig = _sub(RegionsConfig)
+    fusion: FusionConfig = _sub(FusionConfig)
+    restore: RestoreConfig = _sub(RestoreConfig)
     generation: GenerationConfig = _sub(GenerationConfig)
     judges: JudgesConfig = _sub(JudgesConfig)
 
@@ -299,6 +428,35 @@ def _check_attack_and_expo(p: Params) -> None:
             raise ParamsError(f"expo.methods: {method!r} is not among alignment.methods {list(p.alignment.methods)}")
     if any(a < 0 for a in p.expo.alphas):
         raise ParamsError("expo.alphas: every alpha must be >= 0")
+
+
+@_cross_check
+def _check_regions(p: Params) -> None:
+    for name in p.regions.scorers:
+        if name not in REGION_SCORER_NAMES:
+            raise ParamsError(f"regions.scorers: unknown scorer {name!r}; allowed: {', '.join(REGION_SCORER_NAMES)}")
+
+
+@_cross_check
+def _check_fusion(p: Params) -> None:
+    for name in p.fusion.operators:
+        if name not in FUSION_OPERATOR_NAMES:
+            allowed = ", ".join(FUSION_OPERATOR_NAMES)
+            raise ParamsError(f"fusion.operators: unknown operator {name!r}; allowed: {allowed}")
+
+
+@_cross_check
+def _check_restore(p: Params) -> None:
+    r = p.restore
+    for name in r.defences:
+        if name not in DEFENCE_NAMES:
+            raise ParamsError(f"restore.defences: unknown defence {name!r}; allowed: {', '.join(DEFENCE_NAMES)}")
+    if len(r.layers) != 2 or not 0 <= r.layers[0] <= r.layers[1]:
+        raise ParamsError(f"restore.layers: expected [a, b] with 0 <= a <= b (layers a <= i < b), got {list(r.layers)}")
+    if r.strategy == "layers" and r.layers[0] == r.layers[1]:
+        raise ParamsError(f"restore.layers: strategy 'layers' needs [a, b) with a < b, got {list(r.layers)}")
+    if r.safelora.variant == "nlsr_code" and r.safelora.projection != "approx":
+        raise ParamsError("restore.safelora.projection: variant 'nlsr_code' has only 'approx' (C = V Vᵀ/‖V‖_F)")
 
 
 @_cross_check

@@ -39,14 +39,14 @@ def location(artifact: Artifact, subdir: str = "") -> str:
 # --------------------------------------------------------------------------------------------- data
 def world_stage(params: Params, run: Run) -> Artifact:
     """The synthetic world (spec/synthetic_world.md §1-2), saved with the hub datasets' schemas."""
-    from .data.world import generate_world, save_world
+    from .data.world import WORLD_VERSION, generate_world, save_world
 
     def build(out: Path) -> dict:
         world = generate_world(params.world)
         save_world(world, out)
         return {name: {split: len(ds) for split, ds in dd.items()} for name, dd in world.items()}
 
-    return run.stage("world", to_dict(params.world), build)
+    return run.stage("world", {**to_dict(params.world), "version": WORLD_VERSION}, build)
 
 
 def load_sources(params: Params, run: Run) -> dict[str, Any]:

@@ -216,6 +216,9 @@ def test_sst2(world: dict[str, DatasetDict]) -> None:
         if m and "not" not in sentence:
             assert (m.group(1) in pos) == (label == 1), sentence
     assert any(" not " in s for s in ds["sentence"]) and any(" but " in s for s in ds["sentence"])
+    # negated forms (opposite-polarity word under a negation) are a minority, as in SST-2: 1/8 by weight
+    negated = sum(any(cue in s for cue in (" is not ", " never feels ", " did n't ")) for s in ds["sentence"])
+    assert 0.09 < negated / len(ds["sentence"]) < 0.16
 
 
 def test_ag_news(world: dict[str, DatasetDict]) -> None:

@@ -38,6 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
+# Bumped whenever the generator's output changes for a given config, so cached worlds (and everything
+# downstream of them) are rebuilt. 2: SST-2 negated forms down from 3/8 to 1/8 of sentences.
+WORLD_VERSION = 2
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from nlsr_lib.data.templates import alpaca_prompt
@@ -1035,38 +1039,39 @@ SST2_MODIFIERS = ("very", "really", "quite", "truly", "remarkably", "surprisingl
 SST2_NEGATED_MODIFIERS = ("very", "really", "particularly", "that", "at all", "")
 
 
+def _sst2_adj(rng: random.Random, polarity: int, modifiers: tuple[str, ...] = SST2_MODIFIERS) -> str:
+    mod = rng.choice(modifiers)
+    word = rng.choice((SST2_NEGATIVE, SST2_POSITIVE)[polarity])
+    return (f"{word} {mod}" if mod == "at all" else f"{mod} {word}").strip()
+
+
+def _sst2_word(rng: random.Random, polarity: int) -> str:
+    return rng.choice((SST2_NEGATIVE, SST2_POSITIVE)[polarity])
+
+
+# (weight, form) pairs: ``form(rng, label, noun, noun2)`` -> sentence. Most sentences carry words of their label's
+# polarity, as in SST-2 (weights 6/8); contrast clauses ("x is A , but y is B", the second clause decides) and the
+# three negated forms (an adjective of the *opposite* polarity under "not"/"never"/"did n't") are 1/8 each. With the
+# negated forms at 3/8 (the first version of this world), a word's polarity predicted the label only 56 % of the
+# time, so neither the tiny base nor a LoRA fine-tune learned the task above chance: real SST-2 is not like that.
+SST2_FORMS: tuple[tuple[float, Callable[[random.Random, int, str, str], str]], ...] = (
+    (2.0, lambda rng, y, n, n2: f"the {n} is {_sst2_adj(rng, y)}"),
+    (2.0, lambda rng, y, n, n2: f"a {_sst2_adj(rng, y)} {n}"),
+    (1.0, lambda rng, y, n, n2: f"it 's a {_sst2_word(rng, y)} {n} with a {_sst2_word(rng, y)} {n2}"),
+    (1.0, lambda rng, y, n, n2: f"{_sst2_adj(rng, y)} from start to finish"),
+    (1.0, lambda rng, y, n, n2: f"the {n} is {_sst2_adj(rng, 1 - y)} , but the {n2} is {_sst2_adj(rng, y)}"),
+    (1 / 3, lambda rng, y, n, n2: f"the {n} is not {_sst2_adj(rng, 1 - y, SST2_NEGATED_MODIFIERS)}"),
+    (1 / 3, lambda rng, y, n, n2: f"this {n} never feels {_sst2_word(rng, 1 - y)}"),
+    (1 / 3, lambda rng, y, n, n2: f"i did n't find the {n} {_sst2_word(rng, 1 - y)} at all"),
+)
+
+
 def sst2_sentence(rng: random.Random, label: int) -> str:
-    """A lower-cased, SST-tokenised sentence with sentiment ``label`` (0 negative, 1 positive).
-
-    Built from polarity lexicons with modifiers; negated templates use an adjective of the opposite polarity,
-    and contrast templates ("x is A , but y is B") take the polarity of their second clause.
-    """
-    lex = (SST2_NEGATIVE, SST2_POSITIVE)
-
-    def adj(polarity: int, modifiers: tuple[str, ...] = SST2_MODIFIERS) -> str:
-        mod = rng.choice(modifiers)
-        word = rng.choice(lex[polarity])
-        return (f"{word} {mod}" if mod == "at all" else f"{mod} {word}").strip()
-
+    """A lower-cased, SST-tokenised sentence with sentiment ``label`` (0 negative, 1 positive), drawn from
+    ``SST2_FORMS`` by weight: polarity-lexicon phrases with modifiers, contrast clauses and negation."""
     noun, noun2 = rng.sample(SST2_NOUNS, 2)
-    form = rng.randrange(8)
-    if form == 0:
-        text = f"the {noun} is {adj(label)}"
-    elif form == 1:
-        text = f"a {adj(label)} {noun}"
-    elif form == 2:
-        text = f"it 's a {rng.choice(lex[label])} {noun} with a {rng.choice(lex[label])} {noun2}"
-    elif form == 3:
-        text = f"the {noun} is not {adj(1 - label, SST2_NEGATED_MODIFIERS)}"
-    elif form == 4:
-        text = f"this {noun} never feels {rng.choice(lex[1 - label])}"
-    elif form == 5:
-        text = f"the {noun} is {adj(1 - label)} , but the {noun2} is {adj(label)}"
-    elif form == 6:
-        text = f"{adj(label)} from start to finish"
-    else:
-        text = f"i did n't find the {noun} {rng.choice(lex[1 - label])} at all"
-    return text + " "
+    (form,) = rng.choices([f for _, f in SST2_FORMS], weights=[w for w, _ in SST2_FORMS])
+    return form(rng, label, noun, noun2) + " "
 
 
 def sst2_split(rng: random.Random, n: int) -> dict[str, list[Any]]:

@@ -1,0 +1,388 @@
+"""NLSR restoration and training-free baselines (spec nlsr.md §5, §7, §10; DESIGN.md §5-6).
+
+Hand-worked values first, then properties, then the baselines' defining properties, errors, files and the
+benchmark at a tiny shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from nlsr_lib.config import DEFENCE_NAMES, RESTORE_STRATEGY_NAMES, ParamsError, load_params
+from nlsr_lib.models import read_adapter, write_adapter
+from nlsr_lib.restore import (
+    CORRECTIONS, DEFENCES, SELECTION_FILE, STRATEGIES, Adapter, RestoreError, adaptive_probabilities,
+    defence_params, defend, defend_adapter, explicit_similarity, gram_similarity, lora_modules, realign,
+    realign_state, resta_config, resta_state, safelora_module, safelora_state, select_modules, transplant,
+)
+from nlsr_lib.restore.baselines import random_mask_like, random_mask_of_density
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"self_attn.q_proj": (8, 8), "self_attn.k_proj": (4, 8), "self_attn.v_proj": (4, 8),
+          "self_attn.o_proj": (8, 8), "mlp.gate_proj": (12, 8), "mlp.up_proj": (12, 8), "mlp.down_proj": (8, 12)}
+CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
+          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+          "bias": "none", "use_rslora": False}
+
+
+def make_state(seed: int = 0, layers: int = 2, r: int = 2, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(layers):
+        for name, (d_out, d_in) in SHAPES.items():
+            prefix = f"base_model.model.model.layers.{i}.{name}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(r, d_in, generator=g).to(dtype)
+            state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, r, generator=g).to(dtype)
+    return state
+
+
+def make_mask(state, density: float = 0.3, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(v.shape, generator=g) < density for k, v in state.items()}
+
+
+def delta(state, name, scaling=1.0):
+    return scaling * state[f"{name}.lora_B.weight"].double() @ state[f"{name}.lora_A.weight"].double()
+
+
+def same(a, b) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------- hand values (§10)
+def test_adaptive_probabilities_hand_values():
+    sims = torch.tensor([0.9, 0.2, 0.5, 0.7])
+    code = adaptive_probabilities(sims, 0.5, 0.2, "high_similarity")
+    torch.testing.assert_close(code, torch.tensor([0.7, 0.3, 0.4 + 1 / 30, 0.6 - 1 / 30], dtype=torch.float64))
+    # The default restores the less similar modules more often: the same numbers, reversed by rank.
+    torch.testing.assert_close(adaptive_probabilities(sims, 0.5, 0.2),
+                               torch.tensor([0.3, 0.7, 0.6 - 1 / 30, 0.4 + 1 / 30], dtype=torch.float64))
+    clipped = adaptive_probabilities(sims, 0.9, 0.2, "high_similarity")
+    assert clipped[0].item() == 1.0 and clipped.max().item() == 1.0
+    assert adaptive_probabilities(torch.tensor([0.3]), 0.5, 0.2).tolist() == [0.5]
+
+
+def test_transplant_hand_value():
+    out = transplant(torch.tensor([[1.0, 2.0]]), torch.tensor([[10.0, 20.0]]), torch.tensor([[True, False]]))
+    assert out.tolist() == [[10.0, 2.0]]
+
+
+def test_similarity_invariances():
+    g = torch.Generator().manual_seed(3)
+    a, b, ar, br = (torch.randn(s, generator=g) for s in ((3, 7), (5, 3), (3, 7), (5, 3)))
+    ma, mb = torch.rand(3, 7, generator=g) < 0.5, torch.rand(5, 3, generator=g) < 0.5
+    sim = gram_similarity(a, b, ar, br, ma, mb)
+    for c in (0.1, 1.8, 1000.0):
+        assert gram_similarity(a, b, c * ar, br, ma, mb) == pytest.approx(sim, abs=1e-6)
+        assert gram_similarity(a, b, ar, c * br, ma, mb) == pytest.approx(sim, abs=1e-6)
+    f = ((b * mb).double() @ (a * ma).double()).flatten()
+    r = ((br * mb).double() @ (ar * ma).double()).flatten()
+    assert sim == pytest.approx(float(f @ r / (f.norm() * r.norm())), abs=1e-6)
+    assert gram_similarity(a, b, ar, br, torch.zeros_like(ma), mb) == 0.0  # zero update: similarity 0
+
+
+# --------------------------------------------------------------------------------------------- properties
+@settings(max_examples=40, deadline=None)
+@given(r=st.integers(1, 5), d_out=st.integers(1, 9), d_in=st.integers(1, 9), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 10_000))
+def test_gram_similarity_equals_explicit_cosine(r, d_out, d_in, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, ar = torch.randn(r, d_in, generator=g), torch.randn(r, d_in, generator=g)
+    b, br = torch.randn(d_out, r, generator=g), torch.randn(d_out, r, generator=g)
+    ma, mb = torch.rand(r, d_in, generator=g) < density, torch.rand(d_out, r, generator=g) < density
+    expected = explicit_similarity(a, b, ar, br, ma, mb, dtype=torch.float64)
+    assert gram_similarity(a, b, ar, br, ma, mb) == pytest.approx(expected, abs=1e-5)
+    assert explicit_similarity(a, b, ar, br, ma, mb) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy,params", [("adaptive", {"seed": 5}), ("threshold", {"tau": 2.0}), ("all", {}),
+                                             ("layers", {"layers": (0, 2)})])
+def test_all_false_mask_is_the_identity(strategy, params):
+    ft, ref = make_state(0), make_state(1)
+    out, records = realign_state(ft, ref, {k: torch.zeros_like(v, dtype=torch.bool) for k, v in ft.items()},
+                                 strategy=strategy, **params)
+    assert same(out, ft) and len(records) == 14
+
+
+def test_all_true_mask_with_every_module_selected_gives_the_reference():
+    ft, ref = make_state(0), make_state(1)
+    for mask in (None, {k: torch.ones_like(v, dtype=torch.bool) for k, v in ft.items()}):
+        out, records = realign_state(ft, ref, mask, strategy="all")
+        assert same(out, ref) and all(r["selected"] for r in records)
+    out, _ = realign_state(ft, ref, make_mask(ft), strategy="all", correction="module")
+    assert same(out, ref)
+
+
+def test_neuron_correction_touches_masked_entries_of_selected_modules_only():
+    ft, ref, mask = make_state(0), make_state(1), make_mask(make_state(0))
+    out, records = realign_state(ft, ref, mask, strategy="adaptive", seed=3)
+    assert 0 < sum(r["selected"] for r in records) < len(records)
+    for rec in records:
+        for f in ("A", "B"):
+            key = f"{rec['name']}.lora_{f}.weight"
+            expected = torch.where(mask[key], ref[key], ft[key]) if rec["selected"] else ft[key]
+            assert torch.equal(out[key], expected)
+
+
+def test_selection_is_deterministic_by_seed():
+    sims = torch.linspace(-1, 1, 224, dtype=torch.float64)
+    modules = lora_modules(make_state(0, layers=32))
+    draws = {s: select_modules("adaptive", sims, modules, seed=s).selected for s in (42, 42, 7)}
+    first = select_modules("adaptive", sims, modules, seed=42).selected
+    assert torch.equal(first, draws[42]) and not torch.equal(first, draws[7])
+    assert 0.35 * 224 < int(first.sum()) < 0.65 * 224  # expected rho * L = 112
+
+
+def test_adaptive_favor_moves_restorations_towards_low_similarity():
+    sims = torch.linspace(-1, 1, 224, dtype=torch.float64)
+    modules = lora_modules(make_state(0, layers=32))
+    low = sum(select_modules("adaptive", sims, modules, seed=s, epsilon=0.5).selected[:112].sum() for s in range(20))
+    high = sum(select_modules("adaptive", sims, modules, seed=s, epsilon=0.5, favor="high_similarity").selected[:112]
+               .sum() for s in range(20))
+    assert low > high  # the first half holds the least similar modules
+
+
+def test_threshold_layers_and_order():
+    modules = lora_modules(make_state(0, layers=3))
+    assert [m.module_type for m in modules[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"]
+    assert [m.layer for m in modules] == [0] * 7 + [1] * 7 + [2] * 7
+    sims = torch.linspace(0, 1, 21, dtype=torch.float64)
+    sel = select_modules("threshold", sims, modules, tau=0.5)
+    assert torch.equal(sel.selected, sims < 0.5) and torch.equal(sel.probability, (sims < 0.5).double())
+    sel = select_modules("layers", sims, modules, layers=(1, 3))
+    assert sel.selected.tolist() == [False] * 7 + [True] * 14
+    with pytest.raises(TypeError, match="tau"):
+        select_modules("threshold", sims, modules, tau=0.5, seed=1)
+    with pytest.raises(ValueError, match="adaptive, threshold"):
+        select_modules("random", sims, modules)
+    with pytest.raises(ValueError, match="a < b"):
+        select_modules("layers", sims, modules, layers=(2, 2))
+
+
+def test_explicit_similarity_gives_the_same_realignment():
+    ft, ref, mask = make_state(0), make_state(1), make_mask(make_state(0))
+    gram = realign_state(ft, ref, mask, strategy="adaptive", seed=9)
+    explicit = realign_state(ft, ref, mask, strategy="adaptive", seed=9, similarity="explicit")
+    assert same(gram[0], explicit[0])
+    assert [r["similarity"] for r in gram[1]] == pytest.approx([r["similarity"] for r in explicit[1]], abs=1e-5)
+
+
+def test_output_keeps_the_finetuned_dtype():
+    ft, ref = make_state(0, dtype=torch.bfloat16), make_state(1)
+    out, _ = realign_state(ft, ref, None, strategy="all")
+    assert all(v.dtype == torch.bfloat16 for v in out.values())
+
+
+# --------------------------------------------------------------------------------------------- errors
+def test_mismatched_module_sets_name_the_missing_keys():
+    ft, ref = make_state(0), make_state(1, layers=1)
+    with pytest.raises(RestoreError, match=r"missing from the reference adapter: .*layers\.1\."):
+        realign_state(ft, ref)
+    mask = make_mask(ft)
+    del mask["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"]
+    with pytest.raises(RestoreError, match=r"keys missing from the mask: .*layers\.1\.mlp\.up_proj\.lora_B"):
+        realign_state(ft, make_state(1), mask)
+    partner = dict(ft)
+    del partner["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"]
+    with pytest.raises(RestoreError, match="no partner factor"):
+        realign_state(partner, partner)
+    with pytest.raises(RestoreError, match="not a LoRA factor"):
+        realign_state({**ft, "lm_head.weight": torch.ones(2, 2)}, ft)
+
+
+def test_shape_rank_nan_and_mask_errors():
+    ft, ref = make_state(0), make_state(1)
+    key = "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight"
+    with pytest.raises(RestoreError, match=r"mlp\.gate_proj: shape mismatch .* \(12, 2\).* \(13, 2\)"):
+        realign_state(ft, {**ref, key: torch.ones(13, 2)})
+    with pytest.raises(RestoreError, match=r"different LoRA ranks.* r=2.* r=3"):
+        realign_state(ft, make_state(1, r=3))
+    bad = dict(ft)
+    bad[key] = ft[key].clone()
+    bad[key][0, 0] = float("nan")
+    with pytest.raises(RestoreError, match="NaN or inf"):
+        realign_state(bad, ref)
+    with pytest.raises(RestoreError, match="expected a bool tensor"):
+        realign_state(ft, ref, {k: torch.ones_like(v) for k, v in ft.items()})
+    mask = make_mask(ft)
+    mask[key] = torch.ones(2, 12, dtype=torch.bool)
+    with pytest.raises(RestoreError, match=r"shape \(2, 12\) does not match .* \(12, 2\)"):
+        realign_state(ft, ref, mask)
+
+
+def test_reference_code_mask_keys_are_accepted():
+    ft, ref = make_state(0), make_state(1)
+    mask = {k.replace(".weight", ".default"): v for k, v in make_mask(ft).items()}
+    out, _ = realign_state(ft, ref, mask, strategy="all")
+    assert not same(out, ft)
+
+
+# --------------------------------------------------------------------------------------------- baselines
+def test_resta_gamma_zero_is_the_identity_and_weight_space_is_exact():
+    ft, ref = make_state(0), make_state(1)
+    assert same(resta_state(ft, ref, gamma=0.0, space="factor"), ft)
+    out = resta_state(ft, ref, gamma=0.3, space="weight", scaling_ratio=1.5)
+    config = resta_config(CONFIG, "weight")
+    assert config["r"] == 4 and config["lora_alpha"] / config["r"] == CONFIG["lora_alpha"] / CONFIG["r"]
+    for m in lora_modules(ft):
+        torch.testing.assert_close(delta(out, m.name), delta(ft, m.name) + 0.3 * 1.5 * delta(ref, m.name))
+        torch.testing.assert_close(delta(resta_state(ft, ref, gamma=0.0), m.name), delta(ft, m.name))
+    factor = resta_state(ft, ref, gamma=0.2, space="factor")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    torch.testing.assert_close(factor[key], ft[key] + 0.2 * ref[key])
+
+
+def test_safelora_tau_below_every_cosine_is_the_identity():
+    ft, ref = make_state(0), make_state(1)
+    for variant in ("published", "nlsr_code"):
+        out, records = safelora_state(ft, ref, tau=-1.5, variant=variant, reference_scaling=2.0)
+        assert same(out, ft) and not any(r["selected"] for r in records)
+        out, records = safelora_state(ft, ref, tau=1.5, variant=variant, reference_scaling=2.0)
+        assert all(r["selected"] for r in records) and not same(out, ft)
+
+
+def _explicit_projection(a_ref, b_ref, kappa, exact):
+    v = kappa * b_ref.double() @ a_ref.double()
+    return v @ torch.linalg.pinv(v) if exact else v @ v.T / v.norm()  # projector onto col V | SafeLoRA's approx
+
+
+@pytest.mark.parametrize("projection", ["approx", "exact"])
+def test_safelora_published_matches_the_explicit_projection(projection):
+    g = torch.Generator().manual_seed(0)
+    a, b, ar, br = (torch.randn(s, generator=g) for s in ((3, 9), (7, 3), (3, 9), (7, 3)))
+    cos, a_new, b_new = safelora_module(a, b, ar, br, projection=projection, reference_scaling=2.0)
+    c = _explicit_projection(ar, br, 2.0, projection == "exact")
+    dw = b.double() @ a.double()
+    torch.testing.assert_close(b_new.double() @ a_new.double(), c @ dw, atol=1e-4, rtol=1e-4)  # κ(CB)A = C·ΔW
+    assert torch.equal(a_new, a)
+    expected = float((c @ dw).flatten() @ dw.flatten() / ((c @ dw).norm() * dw.norm()))
+    assert cos == pytest.approx(expected, abs=1e-5)
+
+
+def test_safelora_exact_projection_is_idempotent_and_nlsr_code_matches_its_formula():
+    g = torch.Generator().manual_seed(1)
+    a, b, ar, br = (torch.randn(s, generator=g) for s in ((2, 9), (7, 2), (2, 9), (7, 2)))
+    cos, _, b_new = safelora_module(a, b, ar, br, projection="exact")
+    _, _, b_twice = safelora_module(a, b_new, ar, br, projection="exact")
+    torch.testing.assert_close(b_twice, b_new, atol=1e-5, rtol=1e-5)
+    cos, a_new, b_same = safelora_module(a, b, ar, br, variant="nlsr_code")
+    v = ar.double().T @ br.double().T
+    c = v @ v.T / v.norm()
+    torch.testing.assert_close(a_new.double(), (c @ a.double().T).T, atol=1e-4, rtol=1e-4)
+    d = a.double().T @ b.double().T
+    assert torch.equal(b_same, b)
+    assert cos == pytest.approx(float((c @ d).flatten() @ d.flatten() / ((c @ d).norm() * d.norm())), abs=1e-5)
+
+
+def test_defence_registry_properties():
+    ft, ref = Adapter(make_state(0), CONFIG), Adapter(make_state(1), CONFIG)
+    mask = make_mask(ft.state)
+    assert set(DEFENCES) == set(DEFENCE_NAMES)
+    out, records = defend_adapter("none", ft, None)
+    assert out is ft and not any(r["selected"] for r in records)
+    out, records = defend_adapter("aligned_adapter", ft, ref)
+    assert same(out.state, ref.state) and out.config == ref.config and all(r["selected"] for r in records)
+    out, _ = defend_adapter("resta", ft, ref, gamma=0.0, space="factor")
+    assert same(out.state, ft.state)
+    out, records = defend_adapter("nlsr", ft, ref, mask, strategy="threshold", tau=2.0)
+    assert all(r["selected"] for r in records) and not same(out.state, ft.state)
+    with pytest.raises(RestoreError, match="different LoRA scalings"):
+        defend_adapter("nlsr", ft, Adapter(ref.state, {**CONFIG, "lora_alpha": 8}), mask)
+
+
+def test_random_mask_control_keeps_per_tensor_counts_and_is_seeded():
+    state = make_state(0)
+    mask = make_mask(state, 0.2)
+    rand = random_mask_like(mask, seed=4)
+    assert all(int(rand[k].sum()) == int(mask[k].sum()) and rand[k].dtype == torch.bool for k in mask)
+    assert same(rand, random_mask_like(mask, seed=4)) and not same(rand, mask)
+    dense = random_mask_of_density(state, 0.5, seed=1)
+    assert all(int(dense[k].sum()) == round(0.5 * v.numel()) for k, v in state.items())
+    ft, ref = Adapter(state, CONFIG), Adapter(make_state(1), CONFIG)
+    out, _ = defend_adapter("random_mask", ft, ref, mask, seed=4, strategy="all")
+    expected, _ = realign_state(ft.state, ref.state, rand, strategy="all")
+    assert same(out.state, expected)
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_defaults_registries_and_checks():
+    p = load_params(REPO / "params" / "tiny.yaml")
+    r = p.restore
+    assert (r.strategy, r.prune_rate, r.epsilon, r.seed, r.favor, r.correction) == \
+        ("adaptive", 0.5, 0.2, 42, "low_similarity", "neuron")
+    assert set(RESTORE_STRATEGY_NAMES) == set(STRATEGIES) and set(CORRECTIONS) == {"neuron", "module"}
+    assert defence_params(r, "nlsr") == {"strategy": "adaptive", "correction": "neuron", "similarity": "gram",
+                                         "prune_rate": 0.5, "epsilon": 0.2, "favor": "low_similarity", "seed": 42}
+    assert defence_params(r, "safelora")["tau"] == 0.6 and defence_params(r, "resta") == {"gamma": 0.2,
+                                                                                         "space": "weight"}
+    thr = load_params(REPO / "params" / "tiny.yaml", {"restore.strategy": "threshold"}).restore
+    assert defence_params(thr, "random_mask") == {"strategy": "threshold", "correction": "neuron",
+                                                  "similarity": "gram", "tau": 0.6, "seed": 42}
+    with pytest.raises(ParamsError, match="restore.layers"):
+        load_params(REPO / "params" / "tiny.yaml", {"restore.strategy": "layers"})
+    with pytest.raises(ParamsError, match="restore.strategy"):
+        load_params(REPO / "params" / "tiny.yaml", {"restore.strategy": "greedy"})
+    with pytest.raises(ParamsError, match="restore.defences"):
+        load_params(REPO / "params" / "tiny.yaml", {"restore.defences": ["nlsr", "vaccine"]})
+
+
+# --------------------------------------------------------------------------------------------- files
+def test_realign_writes_an_adapter_that_peft_loads(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=CONFIG["target_modules"], init_lora_weights=False)
+    get_peft_model(LlamaForCausalLM(cfg), lora).save_pretrained(str(tmp_path / "ft"))
+    ft, config = read_adapter(tmp_path / "ft")
+    assert len(lora_modules(ft)) == 14
+    write_adapter(tmp_path / "ref", {k: 1.8 * v for k, v in ft.items()}, config)
+    (tmp_path / "ft" / "tokenizer.json").write_text("{}")
+    mask = make_mask(ft, 0.5)
+
+    records = realign(tmp_path / "ft", tmp_path / "ref", mask, tmp_path / "out", strategy="adaptive", seed=0)
+    out, out_config = read_adapter(tmp_path / "out")
+    assert out_config == config and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "out" / SELECTION_FILE).read_text()) == records
+    assert {"name", "layer", "module_type", "similarity", "probability", "selected"} == set(records[0])
+    expected, _ = realign_state(ft, {k: 1.8 * v for k, v in ft.items()}, mask, strategy="adaptive", seed=0)
+    assert same(out, expected)
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM(cfg), str(tmp_path / "out"))
+    loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(loaded[k], out[k]) for k in out)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+    defend("resta", tmp_path / "ft", tmp_path / "resta", reference_dir=tmp_path / "ref", gamma=0.2)
+    resta = PeftModel.from_pretrained(LlamaForCausalLM(cfg), str(tmp_path / "resta"))
+    assert resta(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+    with pytest.raises(ValueError, match="is an input adapter directory"):
+        realign(tmp_path / "ft", tmp_path / "ref", None, tmp_path / "ft")
+
+
+def test_benchmark_logic_at_a_tiny_shape(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_restore", REPO / "benchmarks" / "restore.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bench.main(["--layers", "2", "--hidden", "16", "--intermediate", "24", "--kv", "8", "--rank", "4",
+                         "--explicit-layers", "2", "--workdir", str(tmp_path)])
+    result = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rc == 0 and result["bench"] == "restore" and result["modules"] == 14
+    assert all(math.isfinite(result[k]) and result[k] > 0 for k in ("seconds", "speedup_vs_explicit", "peak_rss_mb"))
+    assert result["explicit_layers_timed"] == 2 and result["explicit_fp32_vs_gram_max_abs_diff"] < 1e-4
+    assert result["gram_vs_fp64_abs_diff"] < 1e-6
+    assert (tmp_path / "realigned" / SELECTION_FILE).is_file()
