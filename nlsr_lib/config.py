@@ -220,6 +220,8 @@ class RegionCalibrationConfig:
     seed: int = _f(42)
     max_length: int = _f(1024, range=(8, None), doc="prompt + response + EOS tokens, cut at the end")
     batch_size: int = _f(8, range=(1, None), doc="forward batch; gradient scorers still use one sample at a time")
+    filter: str = _f("judge", choices=("judge", "none"),
+                     doc="judge: keep the answers the primary judge finds safe (§2.5); none: keep every answer")
 
 
 @dataclass(frozen=True)

@@ -104,3 +104,34 @@ def expo_alpha_sweep(table: pd.DataFrame, identity: float, title: str):
     ax.legend(title="method (★ = α chosen on validation)", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def overlap_heatmap(matrix: pd.DataFrame, title: str, label: str = "Jaccard index of the kept entries"):
+    """Square heatmap of pairwise mask overlaps (rows/columns = masks), values printed, colour bar in [0, 1]."""
+    style()
+    size = 1.2 + 0.75 * len(matrix)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    sns.heatmap(matrix, annot=True, fmt=".2f", vmin=0.0, vmax=1.0, cmap="viridis", square=True, ax=ax,
+                cbar_kws={"label": label}, annot_kws={"fontsize": 8})
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return fig
+
+
+def density_heatmap(records: pd.DataFrame, title: str):
+    """Kept fraction per decoder layer (x) and module type (y) of one mask, values printed, with a colour bar."""
+    style()
+    order = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+             if m in set(records["module"])]
+    grid = records.pivot_table(index="module", columns="layer", values="density").reindex(order)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * grid.shape[1], 1.2 + 0.45 * len(order)))
+    sns.heatmap(grid, annot=True, fmt=".2f", cmap="magma", vmin=0.0, ax=ax, cbar_kws={"label": "kept fraction"},
+                annot_kws={"fontsize": 8})
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("module (A and B pooled)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,156 @@
+"""Stages of notebook 04: calibration data and safety-region masks (spec/nlsr.md §2.5, §4; DESIGN.md §4).
+
+* :func:`reference_ref`: the safety reference of a method, its EXPO adapter at the α chosen on the validation slice
+  (notebook 03; the un-extrapolated adapter when no α beats it).
+* :func:`calibration_stage`: the reference's greedy answers to the PKU-SafeRLHF ``test`` prompts, kept where the
+  primary judge finds them safe (§2.5), as ``calibration.json`` (``instruction, input, output``) and the preference
+  variant ``preference.json`` (``instruction, input, chosen, rejected``) over the kept prompts. Decision (§9.4): the
+  preference pairs are the alignment data's "exactly one safe response" pairs (chosen = safe), not
+  ``better_response_id`` (helpfulness), so preference-SNIP scores the safety preference the references learnt.
+* :func:`mask_stage`: one scorer of the :mod:`.regions` registry on the reference adapter → ``mask.safetensors``
+  (adapter key → bool, True = safety-critical) with metadata; ``low_rank`` also writes its subspace bases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Params, to_dict
+from .pipeline import ModelRef, aligned_adapter_ref, generate_for, load_sources, location
+from .runs import Artifact, Run, atomic_write_json
+
+MASK_FILE = "mask.safetensors"
+SUBSPACE_FILE = "subspaces.safetensors"
+
+
+def reference_ref(params: Params, run: Run, method: str) -> ModelRef:
+    """The EXPO reference of ``method`` at the α with the lowest validation harmful score (ties: smallest α)."""
+    from .expo import choose_alpha, expo_stage
+    from .pipeline import harmful_scores
+
+    identity = 0.0 if params.expo.mode == "paper" else 0.5
+    refs = {a: expo_stage(params, run, method, a) for a in sorted({identity, *params.expo.alphas})}
+    val = {a: next(r for r in harmful_scores(params, run, ref, "val") if r["primary"])["harmful_score"]
+           for a, ref in refs.items()}
+    return refs[choose_alpha(val)]
+
+
+def plain_reference_ref(params: Params, run: Run, method: str) -> ModelRef:
+    """The aligned adapter itself as the reference (the "plain" reference of notebook 07's ablation)."""
+    return aligned_adapter_ref(params, run, method)
+
+
+def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
+    """The reference's safe answers to the SafeRLHF ``test`` prompts, and preference pairs over those prompts."""
+    from .data.builders import build_preference_pairs
+    from .data.templates import alpaca_prompt
+
+    config = {"reference": ref.tag, "generation": to_dict(params.generation), "judge": params.judges.primary,
+              "filter": params.regions.calibration.filter, "sources": params.data.sources.pku_saferlhf}
+
+    def build(out: Path) -> dict:
+        test = load_sources(params, run)["pku_saferlhf"]["test"]
+        prompts = list(dict.fromkeys(test["prompt"]))  # dataset order, each prompt once
+        answers = generate_for(params, ref, [alpaca_prompt(p) for p in prompts], params.generation.max_new_tokens,
+                               desc=f"calibration {ref.tag}")
+        gen_dir = out / "generations"
+        gen_dir.mkdir()
+        atomic_write_json(gen_dir / "generations.json",
+                          [{"prompt": p, "response": r} for p, r in zip(prompts, answers)])
+        verdicts = _judge(params, run, gen_dir)
+        keep_all = params.regions.calibration.filter == "none"
+        kept = [{"instruction": v["prompt"], "input": "", "output": v["response"]}
+                for v in verdicts if keep_all or not v["flagged"]]
+        if not kept:
+            raise ValueError(f"calibration: the {params.judges.primary} judge flags every answer of {ref.tag}; "
+                             "set regions.calibration.filter: none to keep unfiltered answers")
+        kept_prompts = {r["instruction"] for r in kept}
+        pairs = [r for r in build_preference_pairs(test, n=len(test), strict=False) if r["instruction"] in kept_prompts]
+        atomic_write_json(out / "calibration.json", kept)
+        atomic_write_json(out / "preference.json", pairs)
+        return {"prompts": len(prompts), "kept": len(kept), "flagged": sum(v["flagged"] for v in verdicts),
+                "preference_pairs": len(pairs)}
+
+    return run.stage(f"calibration/{ref.tag}", config, build, inputs={"model": ref.artifact})
+
+
+def _judge(params: Params, run: Run, gen_dir: Path) -> list[dict]:
+    """Verdicts of the primary judge on ``gen_dir/generations.json`` (the judge object is memoised per run)."""
+    from .evaluate.judges import build_judge
+    from .pipeline import moderation_stage
+
+    kwargs = {}
+    if params.judges.primary == "moderation":
+        kwargs = {"path": location(moderation_stage(params, run)), "cfg": params.judges.moderation}
+    judge = run.memo(f"judge/{params.judges.primary}", lambda: build_judge(params.judges.primary, **kwargs))
+    rows = json.loads((gen_dir / "generations.json").read_text())
+    verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+    return [{**r, "flagged": v.flagged} for r, v in zip(rows, verdicts)]
+
+
+def _batches(params: Params, tokenizer, calibration: Artifact, data: str) -> list | None:
+    from .regions import calibration_batches, preference_batches
+
+    c = params.regions.calibration
+    if data == "none":
+        return None
+    if data == "preference":
+        rows = json.loads((calibration.path / "preference.json").read_text())
+        return preference_batches(tokenizer, rows, n=c.n, seed=c.seed, max_length=c.max_length,
+                                  batch_size=c.batch_size)
+    rows = json.loads((calibration.path / "calibration.json").read_text())
+    return calibration_batches(tokenizer, rows, n=c.n, seed=c.seed, max_length=c.max_length, batch_size=c.batch_size)
+
+
+def _utility_batches(params: Params, run: Run, tokenizer) -> list:
+    """Benign Alpaca instructions with their answers: the utility set of the set-difference scorers."""
+    from .regions import calibration_batches
+
+    c = params.regions.calibration
+    rows = load_sources(params, run)["alpaca"]["train"]
+    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]
+    return calibration_batches(tokenizer, rows, n=c.n, seed=c.seed, max_length=c.max_length, batch_size=c.batch_size)
+
+
+def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsity: float | None = None) -> Artifact:
+    """The ``scorer`` mask of the reference adapter at ``mask_sparsity`` (default ``regions.mask_sparsity``)."""
+    from .models import load_tokenizer, load_with_adapter
+    from .regions import batches_hash, build_mask, get_scorer, mask_metadata, overall_density, save_mask
+    from .regions import scorer_options
+
+    spec = get_scorer(scorer)
+    sparsity = params.regions.mask_sparsity if mask_sparsity is None else mask_sparsity
+    calibration = calibration_stage(params, run, ref)
+    config = {"scorer": scorer, "mask_sparsity": sparsity, "regions": to_dict(params.regions),
+              "model": to_dict(params.model)}
+
+    def build(out: Path) -> dict:
+        tokenizer = load_tokenizer(ref.base, params.model)
+        model = load_with_adapter(ref.base, ref.adapter, params.model)
+        batches = _batches(params, tokenizer, calibration, spec.data)
+        utility = _utility_batches(params, run, tokenizer) if spec.selection == "set_difference" else None
+        r = params.regions
+        masks = build_mask(scorer, model, batches, sparsity, tie_rule=r.tie_rule, utility_batches=utility,
+                           q=r.set_difference.q, p=r.set_difference.p, seed=r.seed,
+                           **{k: v for k, v in scorer_options(r, scorer).items()
+                              if k not in ("mask_sparsity", "tie_rule", "seed")})
+        digest = batches_hash(batches) if batches is not None else "none"
+        save_mask(out / MASK_FILE, masks, mask_metadata(scorer, ref.tag, sparsity, digest))
+        if scorer == "low_rank":
+            from .regions.lowrank import low_rank_subspaces, save_subspaces
+
+            result = low_rank_subspaces(model, batches, rank_keep_ratio=r.rank_keep_ratio, svd=r.svd,
+                                        niter=r.svd_niter, seed=r.seed, positions=r.positions)
+            save_subspaces(out / SUBSPACE_FILE, result.bases, {"reference": ref.tag})
+        return {"density": overall_density(masks), "calibration_hash": digest}
+
+    tag = f"masks/{ref.tag}/{scorer}/s{sparsity:g}"
+    return run.stage(tag, config, build, inputs={"model": ref.artifact, "calibration": calibration})
+
+
+def load_stage_mask(artifact: Artifact) -> dict:
+    """The mask dict of a :func:`mask_stage` artifact."""
+    from .regions import load_mask
+
+    return load_mask(artifact.path / MASK_FILE)[0]

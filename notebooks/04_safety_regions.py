@@ -1,0 +1,120 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 — Safety-critical regions
+#
+# Which entries of the safety reference's LoRA matrices carry its safety? The reference is the EXPO adapter of
+# notebook 03 (α chosen on the validation slice). Its own safe answers to the PKU-SafeRLHF test prompts are the
+# calibration set (spec/nlsr.md §2.5); each scorer of the registry (spec §4; merging.md §3) turns them into a
+# boolean mask per LoRA matrix, True = safety-critical, kept at density 1 − `mask_sparsity`:
+#
+# * `low_rank` (NLSR): project each matrix onto the top `rank_keep_ratio` principal directions of its output
+#   activations, keep the largest entries of the projection;
+# * `wanda` |W|·‖x_j‖ and `snip` |W|·Σ|∇W ℓ| (row-wise), `preference_snip` (DPO loss on preference pairs), their
+#   set-difference variants (top-q safety minus top-p utility) and a seeded `random` control.
+#
+# Row-wise scorers keep ⌈(1 − s)·n⌉ entries of every row, so on rows of r entries the density is ⌈(1 − s)·r⌉ / r.
+
+# %% tags=["parameters"]
+params_file = "../params/tiny.yaml"
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from nlsr_lib import plots
+from nlsr_lib import safety_regions as sr
+from nlsr_lib.config import load_params
+from nlsr_lib.paths import figures_dir
+from nlsr_lib.regions import SCORERS, jaccard, layer_density_records, overall_density
+from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.runs import Run
+
+params = load_params(params_file)
+run = Run(params.profile)
+r = params.regions
+print(f"profile {params.profile}: mask_sparsity {r.mask_sparsity}, rank_keep_ratio {r.rank_keep_ratio}, "
+      f"calibration n={r.calibration.n}, scorers {list(SCORERS)}")
+
+# %% [markdown]
+# ## Calibration set of the EXPO-DPO reference
+
+# %%
+reference = sr.reference_ref(params, run, "dpo")
+calibration = sr.calibration_stage(params, run, reference)
+display(pd.DataFrame([{"reference": reference.tag, **calibration.manifest()["summary"]}]))
+
+# %% [markdown]
+# ## A mask for every scorer on the EXPO-DPO reference
+
+# %%
+masks, records = {}, []
+for scorer in SCORERS:
+    artifact = sr.mask_stage(params, run, reference, scorer)
+    masks[scorer] = sr.load_stage_mask(artifact)
+    records.append({"scorer": scorer, "reference": reference.tag, "mask_sparsity": r.mask_sparsity,
+                    "density": overall_density(masks[scorer])})
+
+# %% [markdown]
+# ## The low-rank mask of every alignment method's reference
+
+# %%
+method_masks = {}
+for method in params.expo.methods:
+    ref = sr.reference_ref(params, run, method)
+    artifact = sr.mask_stage(params, run, ref, "low_rank")
+    method_masks[method] = sr.load_stage_mask(artifact)
+    records.append({"scorer": "low_rank", "reference": ref.tag, "mask_sparsity": r.mask_sparsity,
+                    "density": overall_density(method_masks[method])})
+display(Markdown(markdown_table(records)))
+
+# %% [markdown]
+# ## Neuron overlap: Jaccard between scorers and between alignment methods
+
+# %%
+def overlaps(named: dict) -> tuple[pd.DataFrame, list[dict]]:
+    names = list(named)
+    matrix = pd.DataFrame([[jaccard(named[a], named[b]) for b in names] for a in names], index=names, columns=names)
+    pairs = [{"a": a, "b": b, "jaccard": float(matrix.loc[a, b])} for i, a in enumerate(names) for b in names[i + 1:]]
+    return matrix, pairs
+
+
+scorer_matrix, scorer_pairs = overlaps(masks)
+method_matrix, method_pairs = overlaps(method_masks)
+overlap_table = [{"kind": "scorers", **p} for p in scorer_pairs] + [{"kind": "methods", **p} for p in method_pairs]
+write_results(records, "04_safety_regions", params.profile,
+              columns=["scorer", "reference", "mask_sparsity", "density"])
+write_results(overlap_table, "04_overlap", params.profile, columns=["kind", "a", "b", "jaccard"])
+display(Markdown(markdown_table(overlap_table)))
+
+# %%
+fig = plots.overlap_heatmap(scorer_matrix, f"Mask overlap between scorers (EXPO-DPO reference, {params.profile})")
+plots.save(fig, "04_overlap_scorers", params.profile)
+fig = plots.overlap_heatmap(method_matrix, f"Low-rank mask overlap between alignment methods ({params.profile})")
+plots.save(fig, "04_overlap_methods", params.profile)
+
+# %% [markdown]
+# ## Where the low-rank region lies: kept fraction per layer and module type
+
+# %%
+density = pd.DataFrame(layer_density_records(masks["low_rank"]))
+fig = plots.density_heatmap(density, f"low_rank mask of the EXPO-DPO reference: density per layer ({params.profile})")
+plots.save(fig, "04_density_low_rank", params.profile)
+
+# %%
+for name in ("04_overlap_scorers", "04_overlap_methods", "04_density_low_rank"):
+    for suffix in ("png", "pdf"):
+        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
+built = sorted({stage for stage, cached, _ in run.log if not cached})
+print("04_safety_regions: stages built in this run:", ", ".join(built) or "none (all cached)")
