@@ -135,3 +135,55 @@ def density_heatmap(records: pd.DataFrame, title: str):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+DEFENCE_ORDER = ("aligned", "none", "nlsr", "random_mask", "safelora", "resta", "aligned_adapter")
+
+
+def defences_by_ratio(table: pd.DataFrame, title: str):
+    """Harmful score (left) and task accuracy (right) vs poison ratio, one line per defence."""
+    style()
+    order = [d for d in DEFENCE_ORDER if d in set(table["defense"])]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0), sharex=True)
+    for ax, metric, label in ((left, "harmful_score", "harmful score (%)  ↓ safer"),
+                              (right, "accuracy", "task accuracy (%)  ↑")):
+        sns.lineplot(data=table, x="poison_ratio", y=metric, hue="defense", hue_order=order, style="defense",
+                     style_order=order, markers=True, dashes=False, ax=ax, legend=ax is right)
+        ax.set_xlabel("poison ratio p")
+        ax.set_ylabel(label)
+        ax.set_ylim(-2, 102)
+    right.legend(title="defence", bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def layer_similarity(records: pd.DataFrame, title: str):
+    """Per-layer safety similarity of each module (x = layer, marker = module type), one panel per poison ratio;
+    filled markers are the modules selected for restoration, hollow ones were left as fine-tuned."""
+    style()
+    ratios = sorted(set(records["poison_ratio"]))
+    modules = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+               if m in set(records["module_type"])]
+    markers = dict(zip(modules, "os^vDPX"))
+    colors = dict(zip(modules, sns.color_palette("colorblind", len(modules))))
+    fig, axes = plt.subplots(1, len(ratios), figsize=(3.2 * len(ratios) + 1.5, 3.6), sharey=True, squeeze=False)
+    offsets = {m: (i - (len(modules) - 1) / 2) * 0.08 for i, m in enumerate(modules)}
+    for ax, p in zip(axes[0], ratios):
+        sub = records[records.poison_ratio == p]
+        for m in modules:
+            rows = sub[sub.module_type == m]
+            x = rows["layer"] + offsets[m]
+            for selected, face in ((True, colors[m]), (False, "none")):
+                part = rows[rows.selected == selected]
+                ax.scatter(x[part.index], part["similarity"], marker=markers[m], facecolors=face,
+                           edgecolors=colors[m], s=30, label=m if selected else None)
+        ax.set_title(f"p = {p:g}")
+        ax.set_xlabel("decoder layer")
+        ax.set_xticks(sorted(set(records["layer"])))
+    axes[0][0].set_ylabel("cosine(fine-tuned, reference) in the mask")
+    handles = [plt.Line2D([], [], marker=markers[m], color=colors[m], linestyle="", label=m) for m in modules]
+    axes[0][-1].legend(handles=handles, title="module", bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -39,7 +39,7 @@ def test_failing_notebook_reports_cell_error_and_path(nlsr_home, tmp_path):
     assert "nonexistent" in str(info.value) or "Error" in info.value.error
 
 
-def test_notebooks_02_to_04_smoke(nlsr_home):
+def test_notebooks_02_onward_smoke(nlsr_home):
     reproduce("params/smoke.yaml", start="02", log=lambda *_: None)
     attack = json.loads((results_dir("smoke") / "02_harmful_finetuning.json").read_text())
     required = {"task", "method", "poison_ratio", "harmful_size", "harmful_score", "accuracy", "accuracy_strict"}
@@ -59,6 +59,11 @@ def test_notebooks_02_to_04_smoke(nlsr_home):
     assert len(low_rank) == 1 + 2 and all(0 < r["density"] < 1 for r in regions)  # dpo twice: scorer + method rows
     overlap = json.loads((results_dir("smoke") / "04_overlap.json").read_text())
     assert all(0.0 <= r["jaccard"] <= 1.0 for r in overlap) and {r["kind"] for r in overlap} == {"scorers", "methods"}
+    restored = json.loads((results_dir("smoke") / "05_restoration.json").read_text())
+    assert all({"task", "method", "poison_ratio", "defense", "harmful_score", "accuracy"} <= set(r) for r in restored)
+    assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "resta", "aligned_adapter",
+                                                "random_mask"}
     for name in ("02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size", "03_harmful_score_vs_alpha",
-                 "04_overlap_scorers", "04_overlap_methods", "04_density_low_rank"):
+                 "04_overlap_scorers", "04_overlap_methods", "04_density_low_rank", "05_defences_vs_ratio",
+                 "05_layer_similarity"):
         assert (figures_dir("smoke") / f"{name}.png").is_file()

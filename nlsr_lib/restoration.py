@@ -1,0 +1,78 @@
+"""Stages of notebooks 05 and 07: training-free defences of an attacked adapter (spec/nlsr.md §5, §7).
+
+:func:`defence_stage` applies one defence of the :mod:`.restore` registry to an attacked adapter of notebook 02,
+reading adapter files only, and returns the defended model as a :class:`~.pipeline.ModelRef` over the same base.
+What each defence is given (DESIGN.md §4: every adapter lives in the aligned LoRA space over W_sft):
+
+* ``nlsr``: the safety reference of notebook 04 (the EXPO adapter at the α chosen on the validation slice, or the
+  plain aligned adapter with ``reference="plain"``) and its ``low_rank`` mask (or another scorer's);
+* ``random_mask``: the same reference, and a seeded random mask with the scorer mask's count per tensor;
+* ``safelora`` / ``resta`` / ``aligned_adapter``: the aligned adapter (SafeLoRA's aligned subspace, RESTA's safety
+  vector, the adapter re-applied wholesale);
+* ``none``: the attacked adapter itself.
+
+``overrides`` replace parameters of :func:`~.restore.defence_params` (notebook 07's ablations); they are part of
+the stage's config, so every ablation point is its own cached artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import Params, to_dict
+from .pipeline import ModelRef, aligned_adapter_ref
+from .runs import Run
+
+REFERENCES = ("expo", "plain")
+SELECTION_FILE = "selection.json"
+
+
+def reference_for(params: Params, run: Run, method: str, reference: str = "expo") -> ModelRef:
+    """The safety reference of ``method``: ``expo`` (α chosen on the validation slice) or ``plain`` (aligned)."""
+    from .safety_regions import reference_ref
+
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; allowed: {', '.join(REFERENCES)}")
+    return reference_ref(params, run, method) if reference == "expo" else aligned_adapter_ref(params, run, method)
+
+
+def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, defence: str, *,
+                  reference: str = "expo", scorer: str = "low_rank", mask_sparsity: float | None = None,
+                  overrides: dict[str, Any] | None = None, tag_suffix: str = "") -> ModelRef:
+    """``defence`` applied to the ``attacked`` adapter of alignment ``method`` (see the module docstring)."""
+    from .restore import defence_params, defend
+    from .restore.defences import get_defence
+    from .safety_regions import MASK_FILE, mask_stage
+
+    spec = get_defence(defence)
+    if defence == "none":
+        return attacked
+    inputs = {"attacked": attacked.artifact}
+    if defence in ("nlsr", "random_mask"):
+        ref = reference_for(params, run, method, reference)
+        mask = mask_stage(params, run, ref, scorer, mask_sparsity)
+        inputs |= {"reference": ref.artifact, "mask": mask}
+        mask_file = mask.path / MASK_FILE
+    else:
+        ref, mask_file = aligned_adapter_ref(params, run, method), None
+        inputs["reference"] = ref.artifact
+    kwargs = {**defence_params(params.restore, defence), **(overrides or {})}
+    config = {"defence": defence, "method": method, "reference": ref.tag, "scorer": scorer if mask_file else None,
+              "mask_sparsity": mask_sparsity, "params": kwargs, "restore": to_dict(params.restore)}
+
+    def build(out: Path) -> dict:
+        records = defend(defence, attacked.adapter, out / "adapter", reference_dir=ref.adapter,
+                         mask=mask_file if spec.uses_mask else None, **kwargs)
+        (out / SELECTION_FILE).write_text(json.dumps(records, indent=1) + "\n")
+        return {"selected": sum(r["selected"] for r in records), "modules": len(records)}
+
+    tag = f"restore/{defence}/{attacked.tag.removeprefix('attack/')}{tag_suffix}"
+    artifact = run.stage(tag, config, build, inputs=inputs)
+    return ModelRef(tag, attacked.base, str(artifact.path / "adapter"), artifact)
+
+
+def selection_records(ref: ModelRef) -> list[dict]:
+    """The per-module records (name, layer, module_type, similarity, probability, selected) of a defended model."""
+    return json.loads((Path(ref.adapter).parent / SELECTION_FILE).read_text())

@@ -1,0 +1,115 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 — Restoring safety without retraining
+#
+# Every attacked adapter of notebook 02 is defended from adapter files alone (spec/nlsr.md §5, §7):
+#
+# * `nlsr`: per module, the similarity between the fine-tuned and the reference update inside the low-rank safety
+#   region of notebook 04; modules are selected for restoration with probability ρ ± ε linear in their similarity
+#   rank (less similar, more likely); in selected modules the masked entries take the reference's values;
+# * `random_mask`: the same with a random mask of the same size (the control);
+# * `safelora` (projection onto the aligned subspace where the cosine is below τ), `resta` (adds γ × the safety
+#   vector), `aligned_adapter` (the aligned adapter re-applied wholesale), `none` (the attacked adapter).
+#
+# Rows: `aligned` is the model before the attack. Harmful score on the test slice (primary judge) and the task's
+# accuracy (the paper's lenient rule).
+
+# %% tags=["parameters"]
+params_file = "../params/tiny.yaml"
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from nlsr_lib import attack, pipeline, plots, restoration
+from nlsr_lib.config import load_params
+from nlsr_lib.paths import figures_dir
+from nlsr_lib.restore import DEFENCES
+from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.runs import Run
+
+params = load_params(params_file)
+run = Run(params.profile)
+a = params.attack
+print(f"profile {params.profile}: defences {list(params.restore.defences)}, strategy {params.restore.strategy} "
+      f"(ρ={params.restore.prune_rate}, ε={params.restore.epsilon}, favor {params.restore.favor})")
+
+
+# %%
+def harmful(ref) -> float:
+    return next(r for r in pipeline.harmful_scores(params, run, ref) if r["primary"])["harmful_score"]
+
+
+def accuracy(ref, task: str) -> float:
+    return attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]["accuracy"]
+
+
+def defend_all(method: str, task: str, p: float) -> list[dict]:
+    """The aligned row and one row per defence of the ``method`` adapter attacked on ``task`` at ratio ``p``."""
+    aligned = pipeline.aligned_adapter_ref(params, run, method)
+    rows = [{"task": task, "method": method, "poison_ratio": p, "defense": "aligned",
+             "harmful_score": harmful(aligned), "accuracy": accuracy(aligned, task)}]
+    attacked = attack.attack_stage(params, run, method, task, p)
+    for defence in (d for d in DEFENCES if d in params.restore.defences):
+        ref = restoration.defence_stage(params, run, attacked, method, defence)
+        rows.append({"task": task, "method": method, "poison_ratio": p, "defense": defence,
+                     "harmful_score": harmful(ref), "accuracy": accuracy(ref, task)})
+    return rows
+
+
+# %% [markdown]
+# ## DPO: every task and poison ratio; every alignment method at one ratio (SST-2)
+
+# %%
+records = []
+for task in a.tasks:
+    for p in a.poison_ratios:
+        records += defend_all("dpo", task, p)
+for method in (m for m in params.alignment.methods if m != "dpo"):
+    records += defend_all(method, "sst2", a.methods_ratio)
+table = pd.DataFrame(records)
+write_results(records, "05_restoration", params.profile,
+              columns=["task", "method", "poison_ratio", "defense", "harmful_score", "accuracy"])
+
+# %% [markdown]
+# ## The main table: DPO on SST-2
+
+# %%
+main = table[(table.method == "dpo") & (table.task == "sst2")]
+display(main.pivot_table(index="defense", columns="poison_ratio", values=["harmful_score", "accuracy"]).round(1))
+fig = plots.defences_by_ratio(main, f"Defences of the attacked DPO model (SST-2, {params.profile})")
+plots.save(fig, "05_defences_vs_ratio", params.profile)
+
+# %% [markdown]
+# ## Per-layer safety similarity (DPO, SST-2): fine-tuned vs reference update inside the safety region
+#
+# One panel per poison ratio; marker = module type; filled markers are the modules NLSR restored.
+
+# %%
+similarity = []
+for p in a.poison_ratios:
+    attacked = attack.attack_stage(params, run, "dpo", "sst2", p)
+    for rec in restoration.selection_records(restoration.defence_stage(params, run, attacked, "dpo", "nlsr")):
+        similarity.append({**rec, "poison_ratio": p})
+fig = plots.layer_similarity(pd.DataFrame(similarity),
+                             f"Safety similarity per layer, DPO on SST-2 ({params.profile}); filled = restored")
+plots.save(fig, "05_layer_similarity", params.profile)
+
+# %%
+for name in ("05_defences_vs_ratio", "05_layer_similarity"):
+    for suffix in ("png", "pdf"):
+        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
+built = sorted({stage for stage, cached, _ in run.log if not cached})
+print("05_restoration: stages built in this run:", ", ".join(built) or "none (all cached)")
