@@ -116,7 +116,7 @@ def overlap_heatmap(matrix: pd.DataFrame, title: str, label: str = "Jaccard inde
     ax.set_xlabel("")
     ax.set_ylabel("")
     ax.set_title(title)
-    ax.tick_params(axis="x", rotation=45)
+    ax.set_xticks(ax.get_xticks(), ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     return fig
 

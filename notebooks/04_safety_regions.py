@@ -105,15 +105,20 @@ fig = plots.overlap_heatmap(method_matrix, f"Low-rank mask overlap between align
 plots.save(fig, "04_overlap_methods", params.profile)
 
 # %% [markdown]
-# ## Where the low-rank region lies: kept fraction per layer and module type
+# ## Where the safety-only region lies: kept fraction per layer and module type
+#
+# `low_rank` keeps 1 − s of every matrix and the row-wise scorers 1 − s of every row, so their density is the same
+# everywhere by construction. The set difference (top-q SNIP entries for safety that are not top-p for utility)
+# is free to concentrate: its density map shows which layers and modules hold safety-specific weights.
 
 # %%
-density = pd.DataFrame(layer_density_records(masks["low_rank"]))
-fig = plots.density_heatmap(density, f"low_rank mask of the EXPO-DPO reference: density per layer ({params.profile})")
-plots.save(fig, "04_density_low_rank", params.profile)
+density = pd.DataFrame(layer_density_records(masks["snip_set_difference"]))
+fig = plots.density_heatmap(density, f"snip_set_difference mask (EXPO-DPO reference): density per layer "
+                                     f"({params.profile})")
+plots.save(fig, "04_density_snip_set_difference", params.profile)
 
 # %%
-for name in ("04_overlap_scorers", "04_overlap_methods", "04_density_low_rank"):
+for name in ("04_overlap_scorers", "04_overlap_methods", "04_density_snip_set_difference"):
     for suffix in ("png", "pdf"):
         assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
 built = sorted({stage for stage, cached, _ in run.log if not cached})

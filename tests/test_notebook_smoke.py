@@ -64,6 +64,6 @@ def test_notebooks_02_onward_smoke(nlsr_home):
     assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "resta", "aligned_adapter",
                                                 "random_mask"}
     for name in ("02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size", "03_harmful_score_vs_alpha",
-                 "04_overlap_scorers", "04_overlap_methods", "04_density_low_rank", "05_defences_vs_ratio",
+                 "04_overlap_scorers", "04_overlap_methods", "04_density_snip_set_difference", "05_defences_vs_ratio",
                  "05_layer_similarity"):
         assert (figures_dir("smoke") / f"{name}.png").is_file()
