@@ -23,6 +23,8 @@ merge pass — **three reads of every input** instead of one, and ``n × 0.8 MB`
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -47,31 +49,36 @@ def quiet() -> bool:
     return bool(os.environ.get("NLSR_QUIET")) or bool(os.environ.get("CI"))
 
 
-class MergeInputs:
+class MergeInputs(ABC):
     """What a streaming merge reads. Subclasses define the output plan and how to load one key."""
 
     n_tasks: int
 
+    @abstractmethod
     def plan(self) -> list[TensorMeta]:
         """Output tensors in write order (name, shape, stored dtype)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def merged(self, name: str) -> bool:
         """Whether ``name`` is merged (else it is copied from the base)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def bytes_read(self, name: str) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
         """CPU tensors for ``name``: (base in its stored dtype or None for a zero base, a list of the inputs the
         task vectors are computed from, or None when ``name`` is copied from the base)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def task_vectors(self, name: str, loaded, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(the base on ``device`` — any float dtype, added in fp32 — or None, the fp32 task vectors on ``device``)
         from :meth:`load`'s result; empties its list of inputs so that they are freed as soon as converted."""
-        raise NotImplementedError
+        ...
 
     def model_files_dir(self) -> Path | None:
         return None
