@@ -281,30 +281,38 @@ def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_nam
     return run.stage(f"generations/{ref.tag}/{slice_name}", config, build, inputs={"model": ref.artifact})
 
 
-def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str) -> Artifact:
-    """Verdicts of one judge on a generations artifact and the harmful score 100·flagged/N."""
-    from .evaluate.judges import build_judge, harmful_score
+def judge_for(params: Params, run: Run, judge_name: str) -> tuple[Callable[[], Any], dict[str, Artifact]]:
+    """A getter of the judge ``judge_name`` (built on first call, once per run) and the artifacts it depends on
+    (the moderation model), so a cached judge stage never loads the judge."""
+    from .evaluate.judges import build_judge
 
-    inputs = {"generations": generations}
+    inputs: dict[str, Artifact] = {}
     kwargs: dict[str, Any] = {}
     if judge_name == "moderation":
         moderation = moderation_stage(params, run)
         inputs["judge"] = moderation
         kwargs = {"path": location(moderation), "cfg": params.judges.moderation}
+    return (lambda: run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))), inputs
+
+
+def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str) -> Artifact:
+    """Verdicts of one judge on a generations artifact and the harmful score 100·flagged/N."""
+    from .evaluate.judges import harmful_score
+
+    get_judge, judge_inputs = judge_for(params, run, judge_name)
     config = {"judge": judge_name,
               "moderation": to_dict(params.judges.moderation) if judge_name == "moderation" else None}
 
     def build(out: Path) -> dict:
         rows = json.loads((generations.path / "generations.json").read_text())
-        judge = run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))
-        verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+        verdicts = get_judge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
         atomic_write_json(out / "verdicts.json", [
             {**r, "flagged": v.flagged, "categories": list(v.categories), "max_probability": v.max_probability}
             for r, v in zip(rows, verdicts)])
         return {"harmful_score": harmful_score(verdicts), "n": len(verdicts)}
 
     return run.stage(f"judge/{judge_name}/{generations.stage.removeprefix('generations/')}", config, build,
-                     inputs=inputs)
+                     inputs={"generations": generations, **judge_inputs})
 
 
 def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> list[dict]:

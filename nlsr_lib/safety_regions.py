@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from .config import Params, to_dict
-from .pipeline import ModelRef, aligned_adapter_ref, generate_for, load_sources, location
+from .pipeline import ModelRef, aligned_adapter_ref, generate_for, judge_for, load_sources
 from .runs import Artifact, Run, atomic_write_json
 
 MASK_FILE = "mask.safetensors"
@@ -72,18 +72,15 @@ def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
         return {"prompts": len(prompts), "kept": len(kept), "flagged": sum(v["flagged"] for v in verdicts),
                 "preference_pairs": len(pairs)}
 
-    return run.stage(f"calibration/{ref.tag}", config, build, inputs={"model": ref.artifact})
+    filtered = params.regions.calibration.filter == "judge"
+    judge_inputs = judge_for(params, run, params.judges.primary)[1] if filtered else {}
+    return run.stage(f"calibration/{ref.tag}", config, build, inputs={"model": ref.artifact, **judge_inputs})
 
 
 def _judge(params: Params, run: Run, gen_dir: Path) -> list[dict]:
-    """Verdicts of the primary judge on ``gen_dir/generations.json`` (the judge object is memoised per run)."""
-    from .evaluate.judges import build_judge
-    from .pipeline import moderation_stage
-
-    kwargs = {}
-    if params.judges.primary == "moderation":
-        kwargs = {"path": location(moderation_stage(params, run)), "cfg": params.judges.moderation}
-    judge = run.memo(f"judge/{params.judges.primary}", lambda: build_judge(params.judges.primary, **kwargs))
+    """Verdicts of the primary judge on ``gen_dir/generations.json``."""
+    get_judge, _ = judge_for(params, run, params.judges.primary)
+    judge = get_judge()
     rows = json.loads((gen_dir / "generations.json").read_text())
     verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     return [{**r, "flagged": v.flagged} for r, v in zip(rows, verdicts)]
@@ -131,18 +128,20 @@ def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsi
         batches = _batches(params, tokenizer, calibration, spec.data)
         utility = _utility_batches(params, run, tokenizer) if spec.selection == "set_difference" else None
         r = params.regions
-        masks = build_mask(scorer, model, batches, sparsity, tie_rule=r.tie_rule, utility_batches=utility,
-                           q=r.set_difference.q, p=r.set_difference.p, seed=r.seed,
-                           **{k: v for k, v in scorer_options(r, scorer).items()
-                              if k not in ("mask_sparsity", "tie_rule", "seed")})
-        digest = batches_hash(batches) if batches is not None else "none"
-        save_mask(out / MASK_FILE, masks, mask_metadata(scorer, ref.tag, sparsity, digest))
-        if scorer == "low_rank":
+        options = {k: v for k, v in scorer_options(r, scorer).items() if k not in ("mask_sparsity", "tie_rule", "seed")}
+        if scorer == "low_rank":  # one pass gives both the mask's scores and the subspaces fusion projects onto
+            from .regions import masks_from_scores
             from .regions.lowrank import low_rank_subspaces, save_subspaces
 
-            result = low_rank_subspaces(model, batches, rank_keep_ratio=r.rank_keep_ratio, svd=r.svd,
-                                        niter=r.svd_niter, seed=r.seed, positions=r.positions)
+            result = low_rank_subspaces(model, batches, seed=r.seed, **options)
+            masks = masks_from_scores(scorer, {k: w.abs() for k, w in result.projected.items()}, sparsity,
+                                      tie_rule=r.tie_rule, seed=r.seed)
             save_subspaces(out / SUBSPACE_FILE, result.bases, {"reference": ref.tag})
+        else:
+            masks = build_mask(scorer, model, batches, sparsity, tie_rule=r.tie_rule, utility_batches=utility,
+                               q=r.set_difference.q, p=r.set_difference.p, seed=r.seed, **options)
+        digest = batches_hash(batches) if batches is not None else "none"
+        save_mask(out / MASK_FILE, masks, mask_metadata(scorer, ref.tag, sparsity, digest))
         return {"density": overall_density(masks), "calibration_hash": digest}
 
     tag = f"masks/{ref.tag}/{scorer}/s{sparsity:g}"
