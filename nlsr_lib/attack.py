@@ -107,6 +107,11 @@ def task_accuracy_stage(params: Params, run: Run, ref: ModelRef, task: str) -> A
     return run.stage(f"accuracy/{task}/{ref.tag}", config, build, inputs={"model": ref.artifact})
 
 
+def task_accuracy(params: Params, run: Run, ref: ModelRef, task: str) -> float:
+    """The task accuracy (%, the paper's lenient rule) of ``ref`` on ``task``'s evaluation rows."""
+    return task_accuracy_stage(params, run, ref, task).manifest()["summary"]["accuracy"]
+
+
 def harmful_count(n: int, p: float, variant: str = "poisoned") -> int:
     """Harmful examples in a mixture: ⌊n·p⌋, or 0 for the clean control."""
     from .data.mixing import count

@@ -264,6 +264,29 @@ FUSION_OPERATOR_NAMES = ("weight_averaging", "task_arithmetic", "ties", "dare", 
 
 
 @dataclass(frozen=True)
+class LearnedMaskConfig:
+    """SOMF's learned safety mask (spec/somf.md §2, §2.7, §6): concrete-mask logits over the task vectors, trained
+    with the DPO loss on safety preference pairs; the SOMF defaults."""
+
+    temperature: float = _f(0.5, range=(0.0, None), doc="concrete (relaxed Bernoulli) temperature T, fixed")
+    init_logit: float = _f(0.0, doc="L at init: keep-probability σ(0) = 0.5")
+    rescale: str = _f("mean", choices=("mean", "none"), doc="τ ⊙ m / mean(m) per tensor (SOMF) | τ ⊙ m")
+    detach_mean: bool = _f(False, doc="stop the gradient through mean(m) (SOMF: it flows)")
+    beta: float = _f(0.1, range=(0.0, None), doc="DPO β (sigmoid loss)")
+    learning_rate: float = _f(5e-3, range=(0.0, None), doc="AdamW on the logits, one task (SOMF 5e-3)")
+    learning_rate_multi: float = _f(1e-2, range=(0.0, None), doc="AdamW on the logits, several tasks (SOMF 1e-2)")
+    epochs: float = _f(3.0, range=(0.0, None), open_hi=False)
+    batch_size: int = _f(16, range=(1, None), doc="preference pairs per step (SOMF: effective batch 16)")
+    n_pairs: int = _f(5000, range=(1, None), doc="safety preference pairs (SOMF: 5,135 from the SafeRLHF test split)")
+    max_length: int = _f(1024, range=(8, None), doc="tokens per sequence (SOMF cutoff_len 1024)")
+    merge: str = _f("task_arithmetic", choices=FUSION_OPERATOR_NAMES,
+                    doc="Merge of the masked task vectors when there are several (one task: identity, somf §3.6)")
+    export: str = _f("threshold", choices=("threshold", "bernoulli", "soft"),
+                     doc="b = 1[σ(L) > 0.5] (somf §6.3) | one seeded Bernoulli(σ(L)) sample (SOMF code) | σ(L)")
+    seed: int = _f(42, doc="the concrete samples, the pair order and the Bernoulli export")
+
+
+@dataclass(frozen=True)
 class FusionConfig:
     """Model fusion (spec/somf.md §3, spec/merging.md §1-2; nlsr_lib/fusion): the papers' values, SOMF's where the
     papers leave a choice open."""
@@ -284,6 +307,11 @@ class FusionConfig:
     head_fraction: float = _f(0.1, range=(0.0, 1.0), doc="share of attention heads forming the head-level region")
     max_shard_size: int = _f(5_000_000_000, range=(1, None), doc="bytes per output safetensors shard")
     device: str = _f("cpu", doc="where merges compute: 'cpu', 'cuda' or 'cuda:N'")
+    method: str = _f("dpo", choices=ALIGNMENT_METHOD_NAMES[1:], doc="notebook 06 fuses this method's adapters")
+    poison_ratio: float = _f(0.1, range=(0.0, 1.0), doc="notebook 06 fuses the task adapters attacked at this ratio")
+    region_operator: str = _f("task_arithmetic", choices=FUSION_OPERATOR_NAMES,
+                              doc="the operator whose update the region fusions restrict")
+    learned_mask: LearnedMaskConfig = _sub(LearnedMaskConfig)
 
 
 # --------------------------------------------------------------------------------------------- restoration
@@ -333,6 +361,23 @@ class RestoreConfig:
     seed: int = _f(42, doc="the adaptive draw and the random-mask control")
     safelora: SafeLoraConfig = _sub(SafeLoraConfig)
     resta: RestaConfig = _sub(RestaConfig)
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """Notebook 07: one-factor sweeps around the canonical NLSR run (spec/nlsr.md §5, §9; DESIGN.md §6) on the
+    adapter of ``method`` attacked on ``task`` at ``poison_ratio``; every other parameter keeps its profile value."""
+
+    method: str = _f("dpo", choices=ALIGNMENT_METHOD_NAMES)
+    task: str = _f("sst2")
+    poison_ratio: float = _f(0.1, range=(0.0, 1.0))
+    mask_sparsity: tuple[float, ...] = _f((0.5, 0.7, 0.8, 0.9, 0.95))
+    rank_keep_ratio: tuple[float, ...] = _f((0.2, 0.5, 0.8, 0.95))
+    prune_rate: tuple[float, ...] = _f((0.1, 0.3, 0.5, 0.7, 0.9))
+    epsilon: tuple[float, ...] = _f((0.0, 0.1, 0.2, 0.3, 0.4))
+    tau: tuple[float, ...] = _f((0.2, 0.4, 0.6, 0.8, 0.9))
+    scorers: tuple[str, ...] = _f(("wanda", "snip", "preference_snip", "low_rank", "random"))
+    seeds: tuple[int, ...] = _f((42, 43, 44, 45, 46), doc="the adaptive draw and the random mask")
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -385,6 +430,7 @@ class Params:
     regions: RegionsConfig = _sub(RegionsConfig)
     fusion: FusionConfig = _sub(FusionConfig)
     restore: RestoreConfig = _sub(RestoreConfig)
+    ablation: AblationConfig = _sub(AblationConfig)
     generation: GenerationConfig = _sub(GenerationConfig)
     judges: JudgesConfig = _sub(JudgesConfig)
 
@@ -459,6 +505,22 @@ def _check_restore(p: Params) -> None:
         raise ParamsError(f"restore.layers: strategy 'layers' needs [a, b) with a < b, got {list(r.layers)}")
     if r.safelora.variant == "nlsr_code" and r.safelora.projection != "approx":
         raise ParamsError("restore.safelora.projection: variant 'nlsr_code' has only 'approx' (C = V Vᵀ/‖V‖_F)")
+
+
+@_cross_check
+def _check_ablation(p: Params) -> None:
+    a = p.ablation
+    if a.task not in TASK_NAMES:
+        raise ParamsError(f"ablation.task: unknown task {a.task!r}; allowed: {', '.join(TASK_NAMES)}")
+    for name in a.scorers:
+        if name not in REGION_SCORER_NAMES:
+            raise ParamsError(f"ablation.scorers: unknown scorer {name!r}; allowed: {', '.join(REGION_SCORER_NAMES)}")
+    for key in ("mask_sparsity", "rank_keep_ratio", "prune_rate", "epsilon", "tau"):
+        lo, hi = (-1.0, 1.0) if key == "tau" else (0.0, 1.0)
+        for v in getattr(a, key):
+            if not lo <= v <= hi or (key == "mask_sparsity" and v == 1.0):
+                raise ParamsError(f"ablation.{key}: {v} is outside [{lo:g}, {hi:g}]" +
+                                  (" (a sparsity of 1 keeps nothing)" if key == "mask_sparsity" else ""))
 
 
 @_cross_check

@@ -326,3 +326,8 @@ def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: 
                         "harmful_score": summary["harmful_score"], "n": summary["n"],
                         "primary": judge_name == params.judges.primary})
     return records
+
+
+def primary_harmful_score(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> float:
+    """The primary judge's harmful score (%) of ``model`` on a slice of the unsafe prompts."""
+    return next(r for r in harmful_scores(params, run, model, slice_name) if r["primary"])["harmful_score"]

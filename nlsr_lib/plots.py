@@ -187,3 +187,121 @@ def layer_similarity(records: pd.DataFrame, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _reference_lines(ax, baselines: pd.DataFrame, metric: str) -> None:
+    """Dashed horizontal lines at the ``aligned`` and ``none`` (attacked) values of ``metric``."""
+    for defence, color in (("aligned", "0.35"), ("none", "tab:red")):
+        rows = baselines[baselines.defense == defence]
+        if len(rows):
+            value = float(rows[metric].iloc[0])
+            ax.axhline(value, color=color, linestyle="--", linewidth=1)
+            ax.annotate("attacked" if defence == "none" else defence, (1.0, value), xycoords=("axes fraction", "data"),
+                        xytext=(2, 0), textcoords="offset points", fontsize=8, color=color, va="center")
+
+
+def ablation_curves(table: pd.DataFrame, baselines: pd.DataFrame, ablations: Sequence[str], title: str):
+    """Numeric ablations: one column per ablation, harmful score (top) and accuracy (bottom) against the value,
+    NLSR (solid) and the random-mask control (where run); dashed lines mark the aligned and attacked models."""
+    style()
+    names = [a for a in ablations if a in set(table["ablation"])]
+    fig, axes = plt.subplots(2, len(names), figsize=(2.9 * len(names) + 1.2, 5.6), squeeze=False, sharey="row")
+    palette = {"nlsr": "tab:blue", "random_mask": "tab:orange"}
+    for j, name in enumerate(names):
+        sub = table[table.ablation == name].copy()
+        sub["value"] = sub["value"].astype(float)
+        for i, (metric, label) in enumerate((("harmful_score", "harmful score (%) ↓"), ("accuracy", "accuracy (%) ↑"))):
+            ax = axes[i][j]
+            for defence, rows in sub.groupby("defense", sort=False):
+                rows = rows.sort_values("value")
+                ax.plot(rows["value"], rows[metric], marker="o", color=palette.get(defence, "k"),
+                        label=defence)
+            _reference_lines(ax, baselines, metric)
+            ax.set_xlabel(name if i == 1 else "")
+            ax.set_ylabel(label if j == 0 else "")
+            if i == 0:
+                ax.set_title(name)
+    axes[0][0].legend(title="defence", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def ablation_bars(table: pd.DataFrame, baselines: pd.DataFrame, ablations: Sequence[str], title: str):
+    """Categorical ablations: harmful score per choice (bars, accuracy written on each), one panel per ablation;
+    dashed lines mark the aligned and attacked harmful scores."""
+    style()
+    names = [a for a in ablations if a in set(table["ablation"])]
+    widths = [max(2, table[table.ablation == n]["value"].nunique()) for n in names]
+    fig, axes = plt.subplots(1, len(names), figsize=(1.1 * sum(widths) + 2.0, 4.0), squeeze=False, sharey=True,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, name in zip(axes[0], names):
+        sub = table[(table.ablation == name) & (table.defense == "nlsr")]
+        ax.bar(range(len(sub)), sub["harmful_score"], color=sns.color_palette("colorblind", len(sub)))
+        for x, (h, acc) in enumerate(zip(sub["harmful_score"], sub["accuracy"])):
+            ax.annotate(f"acc {acc:.0f}", (x, h), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+        ax.set_xticks(range(len(sub)), [str(v) for v in sub["value"]], rotation=30, ha="right")
+        ax.set_title(name)
+        _reference_lines(ax, baselines, "harmful_score")
+    axes[0][0].set_ylabel("harmful score (%) ↓")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+FUSION_FAMILIES = (("reference", ("aligned", "none")),
+                   ("operator", ("weight_averaging", "task_arithmetic", "ties", "dare", "consensus_ta",
+                                 "consensus_ties")),
+                   ("safety region", ("region_neuron_outside", "region_neuron_inside", "region_rank_out",
+                                      "region_rank_onto", "region_heads_outside")),
+                   ("learned mask", ("learned_mask",)))
+
+
+def fusion_family(name: str) -> str:
+    return next((family for family, names in FUSION_FAMILIES if name in names), "other")
+
+
+def fusion_scatter(table: pd.DataFrame, title: str):
+    """Safety vs accuracy of every fusion, one panel per set of fused task adapters: x = harmful score (↓ safer),
+    y = mean task accuracy; colour = family (reference, operator, safety region, learned mask), each point named.
+    The best corner is the top left."""
+    style()
+    groups = list(dict.fromkeys(table["inputs"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups) + 1.5, 4.6), squeeze=False)
+    families = [f for f, _ in FUSION_FAMILIES]
+    colors = dict(zip(families, sns.color_palette("colorblind", len(families))))
+    markers = dict(zip(families, "s o D *".split()))
+    for ax, group in zip(axes[0], groups):
+        sub = table[table.inputs == group]
+        for _, row in sub.iterrows():
+            family = fusion_family(row["fusion"])
+            ax.scatter(row["harmful_score"], row["accuracy"], color=colors.get(family, "k"),
+                       marker=markers.get(family, "x"), s=70 if family == "learned mask" else 40, zorder=3)
+            ax.annotate(row["fusion"].replace("region_", "r:").replace("consensus_", "c-"),
+                        (row["harmful_score"], row["accuracy"]), xytext=(3, 3), textcoords="offset points",
+                        fontsize=7)
+        ax.set_title(f"inputs: {group}")
+        ax.set_xlabel("harmful score (%)  ↓ safer")
+        ax.set_xlim(-2, 102)
+    axes[0][0].set_ylabel("task accuracy (%)  ↑")
+    handles = [plt.Line2D([], [], marker=markers[f], color=colors[f], linestyle="", label=f) for f in families]
+    axes[0][-1].legend(handles=handles, title="fusion", bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def mask_training(histories: pd.DataFrame, title: str):
+    """The learned mask's DPO loss (left) and keep rate ``mean 1[σ(L) > 0.5]`` (right) per step, one line per set
+    of fused task adapters."""
+    style()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.lineplot(data=histories, x="step", y="loss", hue="inputs", ax=left, legend=False)
+    sns.lineplot(data=histories, x="step", y="keep_rate", hue="inputs", ax=right)
+    left.set_ylabel("DPO loss")
+    right.set_ylabel("keep rate  (σ(L) > 0.5)")
+    right.set_ylim(-0.02, 1.02)
+    right.legend(title="inputs", bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

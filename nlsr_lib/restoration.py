@@ -40,8 +40,11 @@ def reference_for(params: Params, run: Run, method: str, reference: str = "expo"
 
 def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, defence: str, *,
                   reference: str = "expo", scorer: str = "low_rank", mask_sparsity: float | None = None,
-                  overrides: dict[str, Any] | None = None, tag_suffix: str = "") -> ModelRef:
-    """``defence`` applied to the ``attacked`` adapter of alignment ``method`` (see the module docstring)."""
+                  overrides: dict[str, Any] | None = None, tag_suffix: str = "", mask_suffix: str = "") -> ModelRef:
+    """``defence`` applied to the ``attacked`` adapter of alignment ``method`` (see the module docstring).
+
+    ``tag_suffix`` / ``mask_suffix`` name non-canonical variants so that they are cached beside the canonical
+    stages (notebook 07), never in place of them."""
     from .restore import defence_params, defend
     from .restore.defences import get_defence
     from .safety_regions import MASK_FILE, mask_stage
@@ -52,7 +55,7 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
     inputs = {"attacked": attacked.artifact}
     if defence in ("nlsr", "random_mask"):
         ref = reference_for(params, run, method, reference)
-        mask = mask_stage(params, run, ref, scorer, mask_sparsity)
+        mask = mask_stage(params, run, ref, scorer, mask_sparsity, tag_suffix=mask_suffix)
         inputs |= {"reference": ref.artifact, "mask": mask}
         mask_file = mask.path / MASK_FILE
     else:

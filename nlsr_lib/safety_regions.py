@@ -110,8 +110,12 @@ def _utility_batches(params: Params, run: Run, tokenizer) -> list:
     return calibration_batches(tokenizer, rows, n=c.n, seed=c.seed, max_length=c.max_length, batch_size=c.batch_size)
 
 
-def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsity: float | None = None) -> Artifact:
-    """The ``scorer`` mask of the reference adapter at ``mask_sparsity`` (default ``regions.mask_sparsity``)."""
+def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsity: float | None = None,
+               tag_suffix: str = "") -> Artifact:
+    """The ``scorer`` mask of the reference adapter at ``mask_sparsity`` (default ``regions.mask_sparsity``).
+
+    ``tag_suffix`` keeps masks of other ``regions`` settings (notebook 07's rank-keep sweep) beside the canonical
+    one instead of replacing it in the cache."""
     from .models import load_tokenizer, load_with_adapter
     from .regions import batches_hash, build_mask, get_scorer, mask_metadata, overall_density, save_mask
     from .regions import scorer_options
@@ -144,7 +148,7 @@ def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsi
         save_mask(out / MASK_FILE, masks, mask_metadata(scorer, ref.tag, sparsity, digest))
         return {"density": overall_density(masks), "calibration_hash": digest}
 
-    tag = f"masks/{ref.tag}/{scorer}/s{sparsity:g}"
+    tag = f"masks/{ref.tag}/{scorer}/s{sparsity:g}{tag_suffix}"
     return run.stage(tag, config, build, inputs={"model": ref.artifact, "calibration": calibration})
 
 

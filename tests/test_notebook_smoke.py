@@ -63,7 +63,19 @@ def test_notebooks_02_onward_smoke(nlsr_home):
     assert all({"task", "method", "poison_ratio", "defense", "harmful_score", "accuracy"} <= set(r) for r in restored)
     assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "resta", "aligned_adapter",
                                                 "random_mask"}
+    fused = json.loads((results_dir("smoke") / "06_model_fusion.json").read_text())
+    assert all({"fusion", "inputs", "harmful_score", "accuracy"} <= set(r) for r in fused)
+    assert {r["fusion"] for r in fused} >= {"aligned", "none", "weight_averaging", "task_arithmetic", "ties", "dare",
+                                            "consensus_ta", "consensus_ties", "region_neuron_outside",
+                                            "region_rank_out", "region_heads_outside", "learned_mask"}
+    assert {r["inputs"] for r in fused} == {"sst2", "ag_news", "gsm8k", "sst2+ag_news+gsm8k"}
+    ablations = json.loads((results_dir("smoke") / "07_restoration_ablation.json").read_text())
+    assert all({"ablation", "value", "harmful_score", "accuracy"} <= set(r) for r in ablations)
+    assert {r["ablation"] for r in ablations} == {"mask_sparsity", "rank_keep_ratio", "prune_rate", "epsilon", "tau",
+                                                  "seed", "scorer", "favor", "reference", "correction", "strategy"}
+    assert {r["defense"] for r in ablations if r["ablation"] == "mask_sparsity"} == {"nlsr", "random_mask"}
     for name in ("02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size", "03_harmful_score_vs_alpha",
                  "04_overlap_scorers", "04_overlap_methods", "04_density_snip_set_difference", "05_defences_vs_ratio",
-                 "05_layer_similarity"):
+                 "05_layer_similarity", "06_fusion_scatter", "06_learned_mask_training", "07_ablation_curves",
+                 "07_ablation_choices"):
         assert (figures_dir("smoke") / f"{name}.png").is_file()

@@ -49,7 +49,7 @@ def global_thresholds(taus: Sequence[Mapping[str, torch.Tensor]], density: float
         if m >= total:
             out.append(None)
             continue
-        out.append(global_threshold(lambda tv=tv: (t.abs() for t in tv.values()), m))
+        out.append(global_threshold(lambda tv=tv: (t.detach().abs() for t in tv.values()), m))
     return out
 
 

@@ -202,10 +202,10 @@ def low_rank_scores(model: torch.nn.Module, batches: Iterable[Mapping[str, torch
 def save_subspaces(path: str | Path, bases: Mapping[str, torch.Tensor],
                    metadata: Mapping[str, object] | None = None) -> Path:
     """Write the bases (adapter key → fp32 o × q) as one safetensors file (no pickle), atomically."""
-    from .masks import _atomic_save
+    from .masks import atomic_save_tensors
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in bases.items()}
-    return _atomic_save(path, tensors, metadata or {})
+    return atomic_save_tensors(path, tensors, metadata or {})
 
 
 def load_subspaces(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

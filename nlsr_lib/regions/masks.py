@@ -27,7 +27,8 @@ from .lora import normalize_key, parse_key
 Shapes = Mapping[str, "torch.Tensor | torch.Size | tuple[int, ...]"]
 
 
-def _atomic_save(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+def atomic_save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                        metadata: Mapping[str, Any]) -> Path:
     """safetensors ``save_file`` to a temporary file beside ``path``, then rename (nothing half-written)."""
     from safetensors.torch import save_file
 
@@ -88,7 +89,7 @@ def save_mask(path: str | Path, masks: Mapping[str, torch.Tensor], metadata: Map
     for key, value in masks.items():
         if value.dtype != torch.bool:
             raise TypeError(f"mask {key}: expected a bool tensor, got {value.dtype}")
-    return _atomic_save(path, {k: v.detach().cpu().contiguous() for k, v in masks.items()}, metadata or {})
+    return atomic_save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in masks.items()}, metadata or {})
 
 
 def _shape(value: Any) -> tuple[int, ...]:

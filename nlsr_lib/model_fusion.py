@@ -1,0 +1,275 @@
+"""Stages of notebook 06: fusing the aligned adapter with attacked task adapters (spec/somf.md §2-3,
+spec/merging.md; DESIGN.md §4-6).
+
+Every fusion works in LoRA-factor space relative to the aligned adapter of ``fusion.method`` (the attack continued
+training it, so ``τ_t = θ_t − θ_aligned`` key by key) on the adapters attacked at ``fusion.poison_ratio``, and
+writes a PEFT adapter over W_sft. The fusions, in a registry (:data:`FUSIONS`):
+
+* every merge operator of :data:`nlsr_lib.fusion.MERGE_METHODS`: ``θ_aligned + Merge({τ_t})``;
+* ``region_neuron_{outside,inside}``: the ``fusion.region_operator`` update restricted to the complement of (or to)
+  the NLSR safety region of notebook 04 (the low-rank mask of the EXPO reference), ``θ_aligned + (1 − m) ⊙ Δ``;
+* ``region_rank_{out,onto}``: that update projected out of (onto) the low-rank scorer's safety subspaces,
+  ``θ_aligned + (I − U Uᵀ) Δ``;
+* ``region_heads_outside``: heads ranked by the density of the safety mask in their rows/columns, the top
+  ``fusion.head_fraction`` keep their aligned values;
+* ``learned_mask``: SOMF's mask learned with DPO on safety pairs (:mod:`.fusion.learned_mask`), exported as
+  ``fusion.learned_mask.export``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .attack import attack_stage
+from .config import Params, to_dict
+from .pipeline import ModelRef, aligned_adapter_ref, load_sources, quiet
+from .runs import Artifact, Run, atomic_write_json
+
+MASK_LOGITS_FILE = "mask_logits.safetensors"
+HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class FusionInputs:
+    """What a fusion reads: the aligned adapter, the task adapters and (for regions) the safety region."""
+
+    aligned: Mapping[str, torch.Tensor]
+    tasks: Sequence[Mapping[str, torch.Tensor]]
+    params: Params
+    region: Artifact | None  # the mask stage of notebook 04 (mask + subspaces)
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class FusionKind:
+    name: str
+    fn: Callable[[FusionInputs], dict[str, torch.Tensor]]
+    uses_region: bool
+
+
+FUSIONS: dict[str, FusionKind] = {}
+
+
+def register_fusion(name: str, uses_region: bool = False):
+    def deco(fn):
+        FUSIONS[name] = FusionKind(name, fn, uses_region)
+        return fn
+
+    return deco
+
+
+def _operator_kwargs(params: Params, operator: str) -> dict:
+    from .fusion import get_merge, method_params
+
+    f = params.fusion
+    scope = f.ties_scope if get_merge(operator).trims else "tensor"
+    return {"scope": scope, "single_task_identity": f.single_task_identity, **method_params(f, operator)}
+
+
+def _register_operators() -> None:
+    from .fusion import MERGE_METHODS, merge_adapter_states
+
+    for operator in MERGE_METHODS:
+        def fuse(x: FusionInputs, operator=operator) -> dict[str, torch.Tensor]:
+            return merge_adapter_states(x.aligned, x.tasks, operator, **_operator_kwargs(x.params, operator))
+
+        fuse.__doc__ = f"``θ_aligned + {operator}({{τ_t}})``"
+        register_fusion(operator)(fuse)
+
+
+_register_operators()
+
+
+def _region_kwargs(x: FusionInputs) -> dict:
+    kwargs = _operator_kwargs(x.params, x.params.fusion.region_operator)
+    kwargs.pop("single_task_identity")
+    return kwargs
+
+
+def _region_mask(x: FusionInputs) -> dict[str, torch.Tensor]:
+    from .safety_regions import load_stage_mask
+
+    return load_stage_mask(x.region)
+
+
+def _neuron(where: str):
+    def fuse(x: FusionInputs) -> dict[str, torch.Tensor]:
+        from .fusion import fuse_neurons
+
+        return fuse_neurons(x.aligned, x.tasks, _region_mask(x), x.params.fusion.region_operator, where=where,
+                            **_region_kwargs(x))
+
+    return fuse
+
+
+def _rank(mode: str):
+    def fuse(x: FusionInputs) -> dict[str, torch.Tensor]:
+        from .fusion import fuse_ranks
+        from .regions.lowrank import load_subspaces
+        from .safety_regions import SUBSPACE_FILE
+
+        bases, _ = load_subspaces(x.region.path / SUBSPACE_FILE)
+        return fuse_ranks(x.aligned, x.tasks, bases, x.params.fusion.region_operator, mode=mode,
+                          **_region_kwargs(x))
+
+    return fuse
+
+
+register_fusion("region_neuron_outside", uses_region=True)(_neuron("outside"))
+register_fusion("region_neuron_inside", uses_region=True)(_neuron("inside"))
+register_fusion("region_rank_out", uses_region=True)(_rank("out"))
+register_fusion("region_rank_onto", uses_region=True)(_rank("onto"))
+
+
+@register_fusion("region_heads_outside", uses_region=True)
+def _heads_outside(x: FusionInputs) -> dict[str, torch.Tensor]:
+    """Heads scored by the share of safety-critical entries they own (the mask as a 0/1 importance)."""
+    from .fusion import fuse_heads
+
+    scores = {k: m.float() for k, m in _region_mask(x).items()}
+    return fuse_heads(x.aligned, x.tasks, scores, x.params.fusion.region_operator, head_dim=x.head_dim,
+                      fraction=x.params.fusion.head_fraction, where="outside", **_region_kwargs(x))
+
+
+def get_fusion(name: str) -> FusionKind:
+    if name not in FUSIONS:
+        raise ValueError(f"unknown fusion {name!r}; allowed: {', '.join([*FUSIONS, 'learned_mask'])}")
+    return FUSIONS[name]
+
+
+def fusion_names(params: Params) -> list[str]:
+    """The profile's fusions in notebook order: its operators, every region variant, the learned mask."""
+    regions = [n for n, k in FUSIONS.items() if k.uses_region]
+    return [*params.fusion.operators, *regions, "learned_mask"]
+
+
+# --------------------------------------------------------------------------------------------- stages
+def task_refs(params: Params, run: Run, tasks: Sequence[str]) -> list[ModelRef]:
+    """The adapters of ``fusion.method`` attacked on each task at ``fusion.poison_ratio`` (notebook 02)."""
+    f = params.fusion
+    return [attack_stage(params, run, f.method, task, f.poison_ratio) for task in tasks]
+
+
+def region_stage(params: Params, run: Run) -> Artifact:
+    """The NLSR safety region of ``fusion.method``: the low-rank mask (and subspaces) of its EXPO reference."""
+    from .safety_regions import mask_stage, reference_ref
+
+    return mask_stage(params, run, reference_ref(params, run, params.fusion.method), "low_rank")
+
+
+def _inputs_tag(params: Params, tasks: Sequence[str]) -> str:
+    return f"{params.fusion.method}/{'+'.join(tasks)}_p{params.fusion.poison_ratio:g}"
+
+
+def _write_adapter(out: Path, state: Mapping[str, torch.Tensor], aligned_dir: Path, record: dict) -> Path:
+    """The fused adapter (aligned adapter's config and dtype, tokenizer files copied) and its provenance."""
+    from .models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, write_adapter
+
+    aligned, cfg = read_adapter(aligned_dir)
+    adapter = out / "adapter"
+    write_adapter(adapter, {k: v.to(aligned[k].dtype) for k, v in state.items()}, cfg)
+    for extra in aligned_dir.iterdir():
+        if extra.is_file() and extra.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            shutil.copy2(extra, adapter / extra.name)
+    atomic_write_json(out / "fusion.json", record)
+    return adapter
+
+
+def fusion_stage(params: Params, run: Run, tasks: Sequence[str], name: str) -> ModelRef:
+    """The aligned adapter fused with the attacked adapters of ``tasks`` by fusion ``name`` (module docstring)."""
+    if name == "learned_mask":
+        return learned_mask_stage(params, run, tasks)
+    from .models import read_adapter
+
+    kind = get_fusion(name)
+    aligned = aligned_adapter_ref(params, run, params.fusion.method)
+    attacked = task_refs(params, run, tasks)
+    inputs = {"aligned": aligned.artifact, **{f"task{i}": r.artifact for i, r in enumerate(attacked)}}
+    region = region_stage(params, run) if kind.uses_region else None
+    if region is not None:
+        inputs["region"] = region
+    f = to_dict(params.fusion)
+    f.pop("learned_mask")
+    config = {"fusion": name, "tasks": list(tasks), "fusion_params": f}
+
+    def build(out: Path) -> dict:
+        state_aligned, _ = read_adapter(aligned.adapter)
+        tasks_state = [read_adapter(r.adapter)[0] for r in attacked]
+        base_config = json.loads((Path(aligned.base) / "config.json").read_text())
+        from .fusion.regions import head_dim_from_config
+
+        x = FusionInputs(state_aligned, tasks_state, params, region, head_dim_from_config(base_config))
+        state = kind.fn(x)
+        _write_adapter(out, state, Path(aligned.adapter), {"fusion": name, "tasks": list(tasks),
+                                                            "inputs": [r.tag for r in attacked]})
+        moved = sum(float((state[k].float() - v.float()).norm() ** 2) for k, v in state_aligned.items()) ** 0.5
+        return {"distance_from_aligned": moved}
+
+    tag = f"fusion/{_inputs_tag(params, tasks)}/{name}"
+    artifact = run.stage(tag, config, build, inputs=inputs)
+    return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
+
+
+def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelRef:
+    """SOMF's learned mask over the task vectors of ``tasks`` (somf §2), trained with DPO on the SafeRLHF ``test``
+    split's safety pairs (chosen = the safe response; SOMF's realign data), exported as a fused adapter."""
+    from .data.builders import build_preference_pairs
+    from .fusion import method_params
+    from .fusion.learned_mask import Fusion, export_adapter_state, train_mask
+    from .models import load_tokenizer, load_with_adapter, read_adapter
+    from .regions import preference_batches
+    from .regions.masks import atomic_save_tensors
+
+    lm = params.fusion.learned_mask
+    aligned = aligned_adapter_ref(params, run, params.fusion.method)
+    attacked = task_refs(params, run, tasks)
+    inputs = {"aligned": aligned.artifact, **{f"task{i}": r.artifact for i, r in enumerate(attacked)}}
+    config = {"tasks": list(tasks), "learned_mask": to_dict(lm), "model": to_dict(params.model),
+              "merge_params": method_params(params.fusion, lm.merge), "ties_scope": params.fusion.ties_scope,
+              "sources": params.data.sources.pku_saferlhf}
+
+    def build(out: Path) -> dict:
+        state_aligned, _ = read_adapter(aligned.adapter)
+        taus = [{k: read_adapter(r.adapter)[0][k].float() - v.float() for k, v in state_aligned.items()}
+                for r in attacked]
+        test = load_sources(params, run)["pku_saferlhf"]["test"]
+        pairs = build_preference_pairs(test, n=len(test), strict=False)
+        if not pairs:
+            raise ValueError("learned mask: the SafeRLHF test split has no pair with exactly one safe response")
+        tokenizer = load_tokenizer(aligned.base, params.model)
+        batches = preference_batches(tokenizer, pairs, n=lm.n_pairs, seed=lm.seed, max_length=lm.max_length,
+                                     batch_size=lm.batch_size)
+        model = load_with_adapter(aligned.base, aligned.adapter, params.model)
+        fusion = Fusion({k: v.float() for k, v in state_aligned.items()}, taus, merge=lm.merge,
+                        merge_params=method_params(params.fusion, lm.merge), scope=params.fusion.ties_scope,
+                        rescale=lm.rescale, detach_mean=lm.detach_mean)
+        lr = lm.learning_rate if len(taus) == 1 else lm.learning_rate_multi
+        mask, history = train_mask(model, fusion, batches, temperature=lm.temperature, init_logit=lm.init_logit,
+                                   beta=lm.beta, learning_rate=lr, epochs=lm.epochs, seed=lm.seed,
+                                   show_progress=not quiet())
+        atomic_save_tensors(out / MASK_LOGITS_FILE, mask.state(), {"temperature": str(lm.temperature),
+                                                             "tasks": ",".join(tasks)})
+        atomic_write_json(out / HISTORY_FILE, history)
+        state = export_adapter_state(fusion, mask, lm.export, lm.seed)
+        _write_adapter(out, state, Path(aligned.adapter), {"fusion": "learned_mask", "tasks": list(tasks),
+                                                            "inputs": [r.tag for r in attacked],
+                                                            "export": lm.export})
+        last = history[-1]
+        return {"steps": len(history), "pairs": sum(len(b["chosen_input_ids"]) for b in batches),
+                "first_loss": history[0]["loss"], "last_loss": last["loss"], "keep_rate": last["keep_rate"],
+                "mean_probability": last["mean_probability"]}
+
+    tag = f"fusion/{_inputs_tag(params, tasks)}/learned_mask"
+    artifact = run.stage(tag, config, build, inputs=inputs)
+    return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
+
+
+def mask_history(ref: ModelRef) -> list[dict]:
+    """The per-step training history (loss, reward margin, keep rate) of a :func:`learned_mask_stage` model."""
+    return json.loads((Path(ref.adapter).parent / HISTORY_FILE).read_text())

@@ -1,0 +1,114 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 — Model fusion: merging attacked task adapters back with the aligned one
+#
+# The adapters of notebook 02 (`fusion.method` attacked on each task at `fusion.poison_ratio`) are fused with
+# the aligned adapter in LoRA-factor space, `θ_aligned + Merge({τ_t})` with `τ_t = θ_t − θ_aligned`
+# (spec/somf.md §2.1, §3; spec/merging.md):
+#
+# * every merge operator: weight averaging, task arithmetic, TIES, DARE, Consensus TA and Consensus TIES;
+# * fusion restricted by the safety region of notebook 04 (the NLSR low-rank region of the EXPO reference):
+#   at neuron level (outside / inside the mask), rank level (the update projected out of / onto the safety
+#   subspaces) and attention-head level (the heads owning most of the region keep their aligned values);
+# * SOMF's **learned safety mask**: concrete-mask logits over the task vectors, trained with DPO on safety
+#   preference pairs (temperature 0.5, rescaled by the mask mean, reference = the task model), exported as
+#   `σ(L) > 0.5`.
+#
+# Each task alone, then the three tasks together (multi-task fusion). `aligned` is the model before the attack,
+# `none` the attacked adapter unfused. Harmful score on the test slice (primary judge); accuracy is the mean over
+# the fused tasks (the paper's lenient rule).
+
+# %% tags=["parameters"]
+params_file = "../params/tiny.yaml"
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from nlsr_lib import attack, model_fusion, pipeline, plots
+from nlsr_lib.config import load_params
+from nlsr_lib.paths import figures_dir
+from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.runs import Run
+
+params = load_params(params_file)
+run = Run(params.profile)
+f = params.fusion
+fusions = model_fusion.fusion_names(params)
+input_sets = [(task,) for task in params.attack.tasks] + [tuple(params.attack.tasks)]
+print(f"profile {params.profile}: {f.method} adapters attacked at p = {f.poison_ratio}; fusions {fusions}")
+
+
+# %%
+def row(fusion: str, tasks: tuple, ref) -> dict:
+    accuracies = {f"accuracy_{t}": attack.task_accuracy(params, run, ref, t) for t in tasks}
+    harm = pipeline.primary_harmful_score(params, run, ref)
+    return {"fusion": fusion, "inputs": "+".join(tasks), "harmful_score": harm,
+            "accuracy": sum(accuracies.values()) / len(accuracies), **accuracies}
+
+
+records = []
+for tasks in input_sets:
+    records.append(row("aligned", tasks, pipeline.aligned_adapter_ref(params, run, f.method)))
+    if len(tasks) == 1:
+        records.append(row("none", tasks, model_fusion.task_refs(params, run, tasks)[0]))
+    for name in fusions:
+        records.append(row(name, tasks, model_fusion.fusion_stage(params, run, tasks, name)))
+table = pd.DataFrame(records)
+write_results(records, "06_model_fusion", params.profile,
+              columns=["fusion", "inputs", "harmful_score", "accuracy"])
+
+# %% [markdown]
+# ## Results: harmful score | mean accuracy per fusion and set of inputs
+
+# %%
+display(table.pivot_table(index="fusion", columns="inputs", values=["harmful_score", "accuracy"], sort=False).round(1))
+fig = plots.fusion_scatter(table, f"Safety vs accuracy of fusions of attacked {f.method} adapters "
+                                  f"(p = {f.poison_ratio:g}, {params.profile})")
+plots.save(fig, "06_fusion_scatter", params.profile)
+
+# %% [markdown]
+# ## Region fusion against plain task arithmetic
+#
+# The region variants restrict the `fusion.region_operator` update, so they are compared with that operator at
+# comparable accuracy (within 5 points): Δ harm < 0 means the region made the fusion safer.
+
+# %%
+base = table[table.fusion == f.region_operator].set_index("inputs")
+regions = table[table.fusion.map(plots.fusion_family).isin(["safety region", "learned mask"])].copy()
+regions["delta_harm_vs_operator"] = regions.apply(lambda r: r.harmful_score - base.loc[r.inputs, "harmful_score"],
+                                                  axis=1)
+regions["delta_accuracy_vs_operator"] = regions.apply(lambda r: r.accuracy - base.loc[r.inputs, "accuracy"], axis=1)
+regions["safer_at_comparable_accuracy"] = (regions.delta_harm_vs_operator < 0) & \
+    (regions.delta_accuracy_vs_operator >= -5)
+display(Markdown(markdown_table(regions[["fusion", "inputs", "harmful_score", "accuracy", "delta_harm_vs_operator",
+                                         "delta_accuracy_vs_operator", "safer_at_comparable_accuracy"]]
+                                .round(1).to_dict("records"))))
+
+# %% [markdown]
+# ## The learned mask's training: DPO loss and keep rate per step
+
+# %%
+histories = pd.concat([pd.DataFrame(model_fusion.mask_history(model_fusion.learned_mask_stage(params, run, tasks)))
+                       .assign(inputs="+".join(tasks)) for tasks in input_sets])
+fig = plots.mask_training(histories, f"Learned safety mask (SOMF), {f.method} adapters ({params.profile})")
+plots.save(fig, "06_learned_mask_training", params.profile)
+
+# %%
+for name in ("06_fusion_scatter", "06_learned_mask_training"):
+    for suffix in ("png", "pdf"):
+        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
+built = sorted({stage for stage, cached, _ in run.log if not cached})
+print("06_model_fusion: stages built in this run:", ", ".join(built) or "none (all cached)")

@@ -1,0 +1,112 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 — What makes restoration work: ablations of NLSR
+#
+# One attacked adapter (`ablation.method` attacked on `ablation.task` at `ablation.poison_ratio`; DPO on SST-2 at
+# p = 0.1 by default) is defended with one NLSR parameter changed at a time (spec/nlsr.md §5, §9; DESIGN.md §6):
+# the mask's sparsity and rank kept, ρ and ε of the adaptive selection, τ of layer-level correction, the seed of
+# the draw, the region scorer, the selection direction, the EXPO or the plain aligned reference, and neuron-level
+# vs whole-module correction. Where the mask size or the draw matters, the random-mask control runs beside NLSR.
+# Dashed lines: the model before the attack (`aligned`) and the attacked model.
+
+# %% tags=["parameters"]
+params_file = "../params/tiny.yaml"
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from nlsr_lib import ablation, attack, pipeline, plots
+from nlsr_lib.config import load_params
+from nlsr_lib.paths import figures_dir
+from nlsr_lib.restoration import selection_records
+from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.runs import Run
+
+params = load_params(params_file)
+run = Run(params.profile)
+a = params.ablation
+print(f"profile {params.profile}: {a.method} attacked on {a.task} at p = {a.poison_ratio}; "
+      f"ablations {list(ablation.ABLATIONS)}")
+
+
+# %%
+def harmful(ref) -> float:
+    return next(r for r in pipeline.harmful_scores(params, run, ref) if r["primary"])["harmful_score"]
+
+
+def accuracy(ref) -> float:
+    return attack.task_accuracy_stage(params, run, ref, a.task).manifest()["summary"]["accuracy"]
+
+
+baselines = pd.DataFrame([
+    {"defense": name, "harmful_score": harmful(ref), "accuracy": accuracy(ref)}
+    for name, ref in (("aligned", pipeline.aligned_adapter_ref(params, run, a.method)),
+                      ("none", ablation.attacked_ref(params, run)))])
+display(baselines.round(1))
+
+# %% [markdown]
+# ## Every ablation point
+
+# %%
+records = []
+for name, value, defence in ablation.ablation_points(params):
+    ref = ablation.ablation_stage(params, run, name, value, defence)
+    selection = selection_records(ref)
+    records.append({"ablation": name, "value": value, "defense": defence, "harmful_score": harmful(ref),
+                    "accuracy": accuracy(ref), "restored_modules": sum(r["selected"] for r in selection),
+                    "modules": len(selection)})
+table = pd.DataFrame(records)
+write_results(records, "07_restoration_ablation", params.profile,
+              columns=["ablation", "value", "defense", "harmful_score", "accuracy", "restored_modules", "modules"])
+display(Markdown(markdown_table(table.round(1).to_dict("records"))))
+
+# %% [markdown]
+# ## Numeric ablations
+
+# %%
+numeric = ["mask_sparsity", "rank_keep_ratio", "prune_rate", "epsilon", "tau", "seed"]
+fig = plots.ablation_curves(table, baselines, numeric,
+                            f"NLSR ablations, {a.method} attacked on {a.task} at p = {a.poison_ratio:g} "
+                            f"({params.profile})")
+plots.save(fig, "07_ablation_curves", params.profile)
+
+# %% [markdown]
+# ## Categorical ablations: scorer, selection direction, reference, correction level, strategy
+
+# %%
+categorical = ["scorer", "favor", "reference", "correction", "strategy"]
+fig = plots.ablation_bars(table, baselines, categorical,
+                          f"NLSR design choices, {a.method} attacked on {a.task} at p = {a.poison_ratio:g} "
+                          f"({params.profile})")
+plots.save(fig, "07_ablation_choices", params.profile)
+
+# %% [markdown]
+# ## Recovery: the share of the attack's harmful-score rise that each point undoes
+#
+# `recovery = (attacked − defended) / (attacked − aligned)`; 1 = back to the aligned model, 0 = no effect.
+
+# %%
+h_aligned, h_attacked = (float(baselines.set_index("defense").loc[d, "harmful_score"]) for d in ("aligned", "none"))
+rise = h_attacked - h_aligned
+table["recovery"] = (h_attacked - table["harmful_score"]) / rise if rise > 0 else float("nan")
+display(table.pivot_table(index=["ablation", "value"], columns="defense", values=["recovery", "accuracy"]).round(2))
+
+# %%
+for name in ("07_ablation_curves", "07_ablation_choices"):
+    for suffix in ("png", "pdf"):
+        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
+built = sorted({stage for stage, cached, _ in run.log if not cached})
+print("07_restoration_ablation: stages built in this run:", ", ".join(built) or "none (all cached)")
