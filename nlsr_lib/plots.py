@@ -37,6 +37,14 @@ def save(fig, name: str, profile: str) -> list[Path]:
     return paths
 
 
+def check_saved(names: Sequence[str], profile: str) -> None:
+    """Every named figure exists as PNG and PDF under ``figures/<profile>/`` (a notebook's closing check)."""
+    missing = [f"{n}.{suffix}" for n in names for suffix in ("png", "pdf")
+               if not (figures_dir(profile) / f"{n}.{suffix}").is_file()]
+    if missing:
+        raise FileNotFoundError(f"figures missing under {figures_dir(profile)}: {', '.join(missing)}")
+
+
 def harmful_score_by_method(table: pd.DataFrame, title: str, order: Sequence[str] = METHOD_ORDER):
     """Grouped bars: harmful score (%) per model, one bar per judge, the value printed on each bar."""
     style()

@@ -178,5 +178,10 @@ class Run:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
+    def built_summary(self) -> str:
+        """The stages this ``Run`` computed (not taken from the cache), for a notebook's last line."""
+        built = sorted({stage for stage, cached, _ in self.log if not cached})
+        return ", ".join(built) or "none (all cached)"
+
     def summary(self, stage: str) -> dict[str, Any]:
         return json.loads((self.stage_dir(stage) / MANIFEST).read_text())["summary"]

@@ -27,12 +27,11 @@ SUBSPACE_FILE = "subspaces.safetensors"
 def reference_ref(params: Params, run: Run, method: str) -> ModelRef:
     """The EXPO reference of ``method`` at the α with the lowest validation harmful score (ties: smallest α)."""
     from .expo import choose_alpha, expo_stage
-    from .pipeline import harmful_scores
+    from .pipeline import primary_harmful_score
 
     identity = 0.0 if params.expo.mode == "paper" else 0.5
     refs = {a: expo_stage(params, run, method, a) for a in sorted({identity, *params.expo.alphas})}
-    val = {a: next(r for r in harmful_scores(params, run, ref, "val") if r["primary"])["harmful_score"]
-           for a, ref in refs.items()}
+    val = {a: primary_harmful_score(params, run, ref, "val") for a, ref in refs.items()}
     return refs[choose_alpha(val)]
 
 

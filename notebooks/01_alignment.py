@@ -31,7 +31,6 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import pipeline, plots
 from nlsr_lib.config import load_params
-from nlsr_lib.paths import figures_dir
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
 
@@ -90,8 +89,6 @@ for name in ("base", *params.alignment.methods):
 pd.DataFrame(examples)
 
 # %%
-for suffix in ("png", "pdf"):
-    assert (figures_dir(params.profile) / f"01_harmful_score_by_method.{suffix}").is_file()
+plots.check_saved(["01_harmful_score_by_method"], params.profile)
 assert {r["judge"] for r in records} == set(params.judges.enabled)
-built = sorted({stage for stage, cached, _ in run.log if not cached})
-print("01_alignment: table and figure written; stages built in this run:", ", ".join(built) or "none (all cached)")
+print("01_alignment: table and figure written; stages built in this run:", run.built_summary())

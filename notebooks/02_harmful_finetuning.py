@@ -32,7 +32,6 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import attack, pipeline, plots
 from nlsr_lib.config import load_params
-from nlsr_lib.paths import figures_dir
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
 
@@ -46,10 +45,10 @@ print(f"profile {params.profile}: n={a.n}, ratios {a.poison_ratios}, sizes {a.si
 def measure(method: str, task: str, p: float, n: int, variant: str = "poisoned") -> dict:
     """One attacked model: harmful score (primary judge) and task accuracy."""
     ref = attack.attack_stage(params, run, method, task, p, n, variant)
-    safety = next(r for r in pipeline.harmful_scores(params, run, ref) if r["primary"])
     acc = attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]
     return {"task": task, "method": method, "variant": variant, "poison_ratio": p, "n": n,
-            "harmful_size": attack.harmful_count(n, p, variant), "harmful_score": safety["harmful_score"],
+            "harmful_size": attack.harmful_count(n, p, variant),
+            "harmful_score": pipeline.primary_harmful_score(params, run, ref),
             "accuracy": acc["accuracy"], "accuracy_strict": acc["accuracy_strict"]}
 
 
@@ -110,8 +109,5 @@ fig = plots.attack_by_size(sizes, f"DPO, SST-2, p={a.size_sweep_ratio}: harmful 
 plots.save(fig, "02_harmful_score_vs_size", params.profile)
 
 # %%
-for name in ("02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size"):
-    for suffix in ("png", "pdf"):
-        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
-built = sorted({stage for stage, cached, _ in run.log if not cached})
-print("02_harmful_finetuning: stages built in this run:", ", ".join(built) or "none (all cached)")
+plots.check_saved(["02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size"], params.profile)
+print("02_harmful_finetuning: stages built in this run:", run.built_summary())

@@ -30,7 +30,6 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import expo, pipeline, plots
 from nlsr_lib.config import load_params
-from nlsr_lib.paths import figures_dir
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
 
@@ -43,7 +42,7 @@ print(f"profile {params.profile}: mode {params.expo.mode}, alphas {alphas}, meth
 
 # %%
 def primary_score(ref, slice_name):
-    return next(r for r in pipeline.harmful_scores(params, run, ref, slice_name) if r["primary"])["harmful_score"]
+    return pipeline.primary_harmful_score(params, run, ref, slice_name)
 
 
 records = []
@@ -76,7 +75,5 @@ fig = plots.expo_alpha_sweep(table, identity, f"EXPO ({params.expo.mode} mode): 
 plots.save(fig, "03_harmful_score_vs_alpha", params.profile)
 
 # %%
-for suffix in ("png", "pdf"):
-    assert (figures_dir(params.profile) / f"03_harmful_score_vs_alpha.{suffix}").is_file()
-built = sorted({stage for stage, cached, _ in run.log if not cached})
-print("03_safety_reference: stages built in this run:", ", ".join(built) or "none (all cached)")
+plots.check_saved(["03_harmful_score_vs_alpha"], params.profile)
+print("03_safety_reference: stages built in this run:", run.built_summary())

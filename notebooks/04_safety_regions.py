@@ -36,7 +36,6 @@ from IPython.display import Markdown, display
 from nlsr_lib import plots
 from nlsr_lib import safety_regions as sr
 from nlsr_lib.config import load_params
-from nlsr_lib.paths import figures_dir
 from nlsr_lib.regions import SCORERS, jaccard, layer_density_records, overall_density
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
@@ -118,8 +117,5 @@ fig = plots.density_heatmap(density, f"snip_set_difference mask (EXPO-DPO refere
 plots.save(fig, "04_density_snip_set_difference", params.profile)
 
 # %%
-for name in ("04_overlap_scorers", "04_overlap_methods", "04_density_snip_set_difference"):
-    for suffix in ("png", "pdf"):
-        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
-built = sorted({stage for stage, cached, _ in run.log if not cached})
-print("04_safety_regions: stages built in this run:", ", ".join(built) or "none (all cached)")
+plots.check_saved(["04_overlap_scorers", "04_overlap_methods", "04_density_snip_set_difference"], params.profile)
+print("04_safety_regions: stages built in this run:", run.built_summary())

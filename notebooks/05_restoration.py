@@ -35,7 +35,6 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import attack, pipeline, plots, restoration
 from nlsr_lib.config import load_params
-from nlsr_lib.paths import figures_dir
 from nlsr_lib.restore import DEFENCES
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
@@ -49,11 +48,11 @@ print(f"profile {params.profile}: defences {list(params.restore.defences)}, stra
 
 # %%
 def harmful(ref) -> float:
-    return next(r for r in pipeline.harmful_scores(params, run, ref) if r["primary"])["harmful_score"]
+    return pipeline.primary_harmful_score(params, run, ref)
 
 
 def accuracy(ref, task: str) -> float:
-    return attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]["accuracy"]
+    return attack.task_accuracy(params, run, ref, task)
 
 
 def defend_all(method: str, task: str, p: float) -> list[dict]:
@@ -108,8 +107,5 @@ fig = plots.layer_similarity(pd.DataFrame(similarity),
 plots.save(fig, "05_layer_similarity", params.profile)
 
 # %%
-for name in ("05_defences_vs_ratio", "05_layer_similarity"):
-    for suffix in ("png", "pdf"):
-        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
-built = sorted({stage for stage, cached, _ in run.log if not cached})
-print("05_restoration: stages built in this run:", ", ".join(built) or "none (all cached)")
+plots.check_saved(["05_defences_vs_ratio", "05_layer_similarity"], params.profile)
+print("05_restoration: stages built in this run:", run.built_summary())

@@ -39,7 +39,6 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import attack, model_fusion, pipeline, plots
 from nlsr_lib.config import load_params
-from nlsr_lib.paths import figures_dir
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
 
@@ -107,8 +106,5 @@ fig = plots.mask_training(histories, f"Learned safety mask (SOMF), {f.method} ad
 plots.save(fig, "06_learned_mask_training", params.profile)
 
 # %%
-for name in ("06_fusion_scatter", "06_learned_mask_training"):
-    for suffix in ("png", "pdf"):
-        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
-built = sorted({stage for stage, cached, _ in run.log if not cached})
-print("06_model_fusion: stages built in this run:", ", ".join(built) or "none (all cached)")
+plots.check_saved(["06_fusion_scatter", "06_learned_mask_training"], params.profile)
+print("06_model_fusion: stages built in this run:", run.built_summary())

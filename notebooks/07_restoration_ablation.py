@@ -30,7 +30,6 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import ablation, attack, pipeline, plots
 from nlsr_lib.config import load_params
-from nlsr_lib.paths import figures_dir
 from nlsr_lib.restoration import selection_records
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
@@ -44,11 +43,11 @@ print(f"profile {params.profile}: {a.method} attacked on {a.task} at p = {a.pois
 
 # %%
 def harmful(ref) -> float:
-    return next(r for r in pipeline.harmful_scores(params, run, ref) if r["primary"])["harmful_score"]
+    return pipeline.primary_harmful_score(params, run, ref)
 
 
 def accuracy(ref) -> float:
-    return attack.task_accuracy_stage(params, run, ref, a.task).manifest()["summary"]["accuracy"]
+    return attack.task_accuracy(params, run, ref, a.task)
 
 
 baselines = pd.DataFrame([
@@ -105,8 +104,5 @@ table["recovery"] = (h_attacked - table["harmful_score"]) / rise if rise > 0 els
 display(table.pivot_table(index=["ablation", "value"], columns="defense", values=["recovery", "accuracy"]).round(2))
 
 # %%
-for name in ("07_ablation_curves", "07_ablation_choices"):
-    for suffix in ("png", "pdf"):
-        assert (figures_dir(params.profile) / f"{name}.{suffix}").is_file()
-built = sorted({stage for stage, cached, _ in run.log if not cached})
-print("07_restoration_ablation: stages built in this run:", ", ".join(built) or "none (all cached)")
+plots.check_saved(["07_ablation_curves", "07_ablation_choices"], params.profile)
+print("07_restoration_ablation: stages built in this run:", run.built_summary())

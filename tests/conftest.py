@@ -21,3 +21,24 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 def nlsr_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("NLSR_HOME", str(tmp_path))
     return tmp_path
+
+
+def tiny_peft_llama(target_modules, seed: int = 0, scale: float = 0.3):
+    """A tiny random Llama (hidden 32, 2 layers, vocab 64) with a rank-4 LoRA on ``target_modules`` whose A and B
+    are random and nonzero (drawn from ``seed + 1``), in eval mode — for scorer and mask tests."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nlsr_lib.regions.lora import lora_matrices
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                            target_modules=list(target_modules))).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in lora_matrices(model):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * scale)
+    return model

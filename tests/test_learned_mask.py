@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_peft_llama
 from nlsr_lib.fusion import MERGE_METHODS
 from nlsr_lib.fusion.learned_mask import (
     ConcreteMask, Fusion, export_adapter_state, mask_task_vectors, train_mask,
@@ -129,21 +130,7 @@ def test_gradient_reaches_every_logit_tensor_through_every_operator(method):
 # --------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def peft_model():
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from nlsr_lib.regions.lora import lora_matrices
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    pm = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                         target_modules=PROJ)).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in lora_matrices(pm):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.3)
-    return pm
+    return tiny_peft_llama(PROJ)
 
 
 def _pref_batch(seed: int, n: int = 4):

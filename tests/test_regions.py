@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import nlsr_lib.regions as R
+from conftest import tiny_peft_llama
 from nlsr_lib.config import REGION_SCORER_NAMES, ParamsError, load_params, params_from_dict
 from nlsr_lib.regions.lowrank import output_directions, principal_directions, project_onto, project_out
 from nlsr_lib.regions.selection import keep_count, magnitude_keep_mask, rowwise_keep_mask, set_difference_mask
@@ -35,19 +36,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     """A tiny random Llama (hidden 32, 2 layers) with a rank-4 LoRA whose A and B are random and nonzero."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    pm = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                         target_modules=PROJ)).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in R.lora_matrices(pm):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.3)
-    return pm
+    return tiny_peft_llama(PROJ)
 
 
 def _batch(seed: int, n: int = 3, t: int = 12, prompt: int = 5):
