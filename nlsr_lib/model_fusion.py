@@ -13,7 +13,9 @@ writes a PEFT adapter over W_sft. The fusions, in a registry (:data:`FUSIONS`):
 * ``region_heads_outside``: heads ranked by the density of the safety mask in their rows/columns, the top
   ``fusion.head_fraction`` keep their aligned values;
 * ``learned_mask``: SOMF's mask learned with DPO on safety pairs (:mod:`.fusion.learned_mask`), exported as
-  ``fusion.learned_mask.export``.
+  ``fusion.learned_mask.export``;
+* ``learned_mask_random``: its control, the exported mask's entries randomly permuted within each tensor (same
+  keep count and rescaling, positions not learned).
 """
 
 from __future__ import annotations
@@ -139,14 +141,14 @@ def _heads_outside(x: FusionInputs) -> dict[str, torch.Tensor]:
 
 def get_fusion(name: str) -> FusionKind:
     if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; allowed: {', '.join([*FUSIONS, 'learned_mask'])}")
+        raise ValueError(f"unknown fusion {name!r}; allowed: {', '.join([*FUSIONS, *TRAINED])}")
     return FUSIONS[name]
 
 
 def fusion_names(params: Params) -> list[str]:
     """The profile's fusions in notebook order: its operators, every region variant, the learned mask."""
     regions = [n for n, k in FUSIONS.items() if k.uses_region]
-    return [*params.fusion.operators, *regions, "learned_mask"]
+    return [*params.fusion.operators, *regions, *TRAINED]
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -183,8 +185,8 @@ def _write_adapter(out: Path, state: Mapping[str, torch.Tensor], aligned_dir: Pa
 
 def fusion_stage(params: Params, run: Run, tasks: Sequence[str], name: str) -> ModelRef:
     """The aligned adapter fused with the attacked adapters of ``tasks`` by fusion ``name`` (module docstring)."""
-    if name == "learned_mask":
-        return learned_mask_stage(params, run, tasks)
+    if name in TRAINED:
+        return TRAINED[name](params, run, tasks)
     from .models import read_adapter
 
     kind = get_fusion(name)
@@ -273,3 +275,42 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
 def mask_history(ref: ModelRef) -> list[dict]:
     """The per-step training history (loss, reward margin, keep rate) of a :func:`learned_mask_stage` model."""
     return json.loads((Path(ref.adapter).parent / HISTORY_FILE).read_text())
+
+
+def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelRef:
+    """The learned mask's control: the exported mask permuted within each tensor (seed ``learned_mask.seed``)."""
+    from .fusion.learned_mask import ConcreteMask, Fusion, fused_adapter_state, permuted_mask
+    from .models import read_adapter
+    from .regions.masks import read_tensors
+
+    lm = params.fusion.learned_mask
+    learned = learned_mask_stage(params, run, tasks)
+    aligned = aligned_adapter_ref(params, run, params.fusion.method)
+    attacked = task_refs(params, run, tasks)
+    config = {"tasks": list(tasks), "export": lm.export, "seed": lm.seed}
+
+    def build(out: Path) -> dict:
+        from .fusion import method_params
+
+        logits, _ = read_tensors(learned.artifact.path / MASK_LOGITS_FILE)
+        mask = ConcreteMask({k: v.shape for k, v in logits.items()}, lm.temperature)
+        mask.load_state(logits)
+        state_aligned, _ = read_adapter(aligned.adapter)
+        taus = [{k: read_adapter(r.adapter)[0][k].float() - v.float() for k, v in state_aligned.items()}
+                for r in attacked]
+        fusion = Fusion({k: v.float() for k, v in state_aligned.items()}, taus, merge=lm.merge,
+                        merge_params=method_params(params.fusion, lm.merge), scope=params.fusion.ties_scope,
+                        rescale=lm.rescale, detach_mean=lm.detach_mean)
+        control = permuted_mask(mask.export(lm.export, lm.seed), lm.seed)
+        state = fused_adapter_state(fusion, control)
+        _write_adapter(out, state, Path(aligned.adapter), {"fusion": "learned_mask_random", "tasks": list(tasks),
+                                                            "inputs": [r.tag for r in attacked]})
+        return {"keep_rate": sum(float(m.sum()) for m in control.values()) / sum(m.numel() for m in control.values())}
+
+    tag = f"fusion/{_inputs_tag(params, tasks)}/learned_mask_random"
+    artifact = run.stage(tag, config, build, inputs={"learned_mask": learned.artifact, "aligned": aligned.artifact,
+                                                       **{f"task{i}": r.artifact for i, r in enumerate(attacked)}})
+    return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
+
+
+TRAINED = {"learned_mask": learned_mask_stage, "learned_mask_random": learned_mask_random_stage}

@@ -175,9 +175,13 @@ def layer_similarity(records: pd.DataFrame, title: str):
                if m in set(records["module_type"])]
     markers = dict(zip(modules, "os^vDPX"))
     colors = dict(zip(modules, sns.color_palette("colorblind", len(modules))))
-    fig, axes = plt.subplots(1, len(ratios), figsize=(3.2 * len(ratios) + 1.5, 3.6), sharey=True, squeeze=False)
+    ncols = min(3, len(ratios))
+    nrows = -(-len(ratios) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols + 1.5, 3.4 * nrows), sharey=True, squeeze=False)
     offsets = {m: (i - (len(modules) - 1) / 2) * 0.08 for i, m in enumerate(modules)}
-    for ax, p in zip(axes[0], ratios):
+    for ax in axes.flat[len(ratios):]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, ratios):
         sub = records[records.poison_ratio == p]
         for m in modules:
             rows = sub[sub.module_type == m]
@@ -189,7 +193,8 @@ def layer_similarity(records: pd.DataFrame, title: str):
         ax.set_title(f"p = {p:g}")
         ax.set_xlabel("decoder layer")
         ax.set_xticks(sorted(set(records["layer"])))
-    axes[0][0].set_ylabel("cosine(fine-tuned, reference) in the mask")
+    for row in axes:
+        row[0].set_ylabel("cosine(fine-tuned, reference)\nin the mask")
     handles = [plt.Line2D([], [], marker=markers[m], color=colors[m], linestyle="", label=m) for m in modules]
     axes[0][-1].legend(handles=handles, title="module", bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.suptitle(title)
@@ -247,7 +252,7 @@ def ablation_bars(table: pd.DataFrame, baselines: pd.DataFrame, ablations: Seque
         sub = table[(table.ablation == name) & (table.defense == "nlsr")]
         ax.bar(range(len(sub)), sub["harmful_score"], color=sns.color_palette("colorblind", len(sub)))
         for x, (h, acc) in enumerate(zip(sub["harmful_score"], sub["accuracy"])):
-            ax.annotate(f"acc {acc:.0f}", (x, h), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+            ax.annotate(f"acc {acc:.1f}", (x, h), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
         ax.set_xticks(range(len(sub)), [str(v) for v in sub["value"]], rotation=30, ha="right")
         ax.set_title(name)
         _reference_lines(ax, baselines, "harmful_score")
@@ -262,7 +267,7 @@ FUSION_FAMILIES = (("reference", ("aligned", "none")),
                                  "consensus_ties")),
                    ("safety region", ("region_neuron_outside", "region_neuron_inside", "region_rank_out",
                                       "region_rank_onto", "region_heads_outside")),
-                   ("learned mask", ("learned_mask",)))
+                   ("learned mask", ("learned_mask", "learned_mask_random")))
 
 
 def fusion_family(name: str) -> str:
@@ -271,29 +276,38 @@ def fusion_family(name: str) -> str:
 
 def fusion_scatter(table: pd.DataFrame, title: str):
     """Safety vs accuracy of every fusion, one panel per set of fused task adapters: x = harmful score (↓ safer),
-    y = mean task accuracy; colour = family (reference, operator, safety region, learned mask), each point named.
-    The best corner is the top left."""
+    y = mean task accuracy (↑); one marker per fusion, coloured by family (reference, operator, safety region,
+    learned mask). The best corner is the top left."""
     style()
     groups = list(dict.fromkeys(table["inputs"]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups) + 1.5, 4.6), squeeze=False)
-    families = [f for f, _ in FUSION_FAMILIES]
-    colors = dict(zip(families, sns.color_palette("colorblind", len(families))))
-    markers = dict(zip(families, "s o D *".split()))
-    for ax, group in zip(axes[0], groups):
+    ncols = min(2, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 3.0, 4.2 * nrows), squeeze=False)
+    names = list(dict.fromkeys(table["fusion"]))
+    family_colors = {"reference": sns.color_palette("Greys", 4)[2:], "operator": sns.color_palette("Blues", 8)[2:],
+                     "safety region": sns.color_palette("Greens", 7)[2:],
+                     "learned mask": ["tab:red", "lightsalmon"]}
+    used = {f: 0 for f in family_colors}
+    style_of = {}
+    for i, name in enumerate(names):
+        family = fusion_family(name)
+        palette = family_colors.get(family, ["k"])
+        style_of[name] = (palette[used.get(family, 0) % len(palette)], "sodvDP^<>hX*p8"[i % 14])
+        used[family] = used.get(family, 0) + 1
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, group in zip(axes.flat, groups):
         sub = table[table.inputs == group]
         for _, row in sub.iterrows():
-            family = fusion_family(row["fusion"])
-            ax.scatter(row["harmful_score"], row["accuracy"], color=colors.get(family, "k"),
-                       marker=markers.get(family, "x"), s=70 if family == "learned mask" else 40, zorder=3)
-            ax.annotate(row["fusion"].replace("region_", "r:").replace("consensus_", "c-"),
-                        (row["harmful_score"], row["accuracy"]), xytext=(3, 3), textcoords="offset points",
-                        fontsize=7)
+            color, marker = style_of[row["fusion"]]
+            ax.scatter(row["harmful_score"], row["accuracy"], color=color, marker=marker, s=60, zorder=3,
+                       edgecolors="k", linewidths=0.4)
         ax.set_title(f"inputs: {group}")
         ax.set_xlabel("harmful score (%)  ↓ safer")
-        ax.set_xlim(-2, 102)
-    axes[0][0].set_ylabel("task accuracy (%)  ↑")
-    handles = [plt.Line2D([], [], marker=markers[f], color=colors[f], linestyle="", label=f) for f in families]
-    axes[0][-1].legend(handles=handles, title="fusion", bbox_to_anchor=(1.02, 1), loc="upper left")
+        ax.set_ylabel("mean task accuracy (%)  ↑")
+    handles = [plt.Line2D([], [], marker=style_of[n][1], color=style_of[n][0], markeredgecolor="k", linestyle="",
+                          label=f"{n}  ({fusion_family(n)})") for n in names]
+    axes[0][-1].legend(handles=handles, title="fusion", bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -92,6 +92,24 @@ fig = plots.defences_by_ratio(main, f"Defences of the attacked DPO model (SST-2,
 plots.save(fig, "05_defences_vs_ratio", params.profile)
 
 # %% [markdown]
+# ## Every task at one ratio, every alignment method at another: harmful score / accuracy per defence
+#
+# `recovery` is the share of the attack's harmful-score rise a defence undoes, (none − defended) / (none − aligned).
+
+# %%
+def summary(rows: pd.DataFrame, index: list[str]) -> pd.DataFrame:
+    wide = rows.pivot_table(index=index, columns="defense", values=["harmful_score", "accuracy"], sort=False)
+    h = wide["harmful_score"]
+    rise = h["none"] - h["aligned"]
+    nlsr_recovery = ((h["none"] - h["nlsr"]) / rise.where(rise > 0)).rename(("recovery", "nlsr"))
+    return pd.concat([wide, nlsr_recovery], axis=1).round(2)
+
+
+p_main = min(a.poison_ratios, key=lambda p: abs(p - 0.1))  # the paper's main setting, p = 0.1
+display(summary(table[(table.method == "dpo") & (table.poison_ratio == p_main)], ["task"]))
+display(summary(table[(table.task == "sst2") & (table.poison_ratio == a.methods_ratio)], ["method"]))
+
+# %% [markdown]
 # ## Per-layer safety similarity (DPO, SST-2): fine-tuned vs reference update inside the safety region
 #
 # One panel per poison ratio; marker = module type; filled markers are the modules NLSR restored.

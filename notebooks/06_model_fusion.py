@@ -24,7 +24,8 @@
 #   subspaces) and attention-head level (the heads owning most of the region keep their aligned values);
 # * SOMF's **learned safety mask**: concrete-mask logits over the task vectors, trained with DPO on safety
 #   preference pairs (temperature 0.5, rescaled by the mask mean, reference = the task model), exported as
-#   `σ(L) > 0.5`.
+#   `σ(L) > 0.5`; beside it its control `learned_mask_random`, the same mask permuted within each tensor (same
+#   keep count and rescaling, positions not learned).
 #
 # Each task alone, then the three tasks together (multi-task fusion). `aligned` is the model before the attack,
 # `none` the attacked adapter unfused. Harmful score on the test slice (primary judge); accuracy is the mean over

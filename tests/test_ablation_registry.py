@@ -76,6 +76,6 @@ def test_ablation_params_are_validated(tmp_path):
 def test_fusion_names_follow_the_registry(params):
     names = model_fusion.fusion_names(params)
     assert names[: len(params.fusion.operators)] == list(params.fusion.operators)
-    assert names[-1] == "learned_mask"
+    assert names[-2:] == ["learned_mask", "learned_mask_random"]
     assert {"region_neuron_outside", "region_rank_out", "region_heads_outside"} <= set(names)
-    assert all(model_fusion.get_fusion(n).uses_region == n.startswith("region_") for n in names[:-1])
+    assert all(model_fusion.get_fusion(n).uses_region == n.startswith("region_") for n in names[:-2])

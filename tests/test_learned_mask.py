@@ -209,3 +209,14 @@ def test_mask_state_round_trip_and_shape_errors():
         other.load_state({"x": torch.zeros(3, 2)})
     with pytest.raises(ValueError, match="mask logits missing"):
         other.load_state({})
+
+
+def test_permuted_control_keeps_counts_not_positions():
+    from nlsr_lib.fusion.learned_mask import permuted_mask
+
+    gen = torch.Generator().manual_seed(0)
+    mask = {"a": (torch.rand(20, 30, generator=gen) > 0.7).float(), "b": torch.rand(5, 8, generator=gen)}
+    control = permuted_mask(mask, seed=1)
+    assert float(control["a"].sum()) == float(mask["a"].sum()) and not torch.equal(control["a"], mask["a"])
+    assert torch.equal(control["b"].flatten().sort().values, mask["b"].flatten().sort().values)
+    assert all(torch.equal(control[k], permuted_mask(mask, seed=1)[k]) for k in mask)  # seeded

@@ -67,7 +67,8 @@ def test_notebooks_02_onward_smoke(nlsr_home):
     assert all({"fusion", "inputs", "harmful_score", "accuracy"} <= set(r) for r in fused)
     assert {r["fusion"] for r in fused} >= {"aligned", "none", "weight_averaging", "task_arithmetic", "ties", "dare",
                                             "consensus_ta", "consensus_ties", "region_neuron_outside",
-                                            "region_rank_out", "region_heads_outside", "learned_mask"}
+                                            "region_rank_out", "region_heads_outside", "learned_mask",
+                                            "learned_mask_random"}
     assert {r["inputs"] for r in fused} == {"sst2", "ag_news", "gsm8k", "sst2+ag_news+gsm8k"}
     ablations = json.loads((results_dir("smoke") / "07_restoration_ablation.json").read_text())
     assert all({"ablation", "value", "harmful_score", "accuracy"} <= set(r) for r in ablations)

@@ -241,12 +241,27 @@ def train_mask(model, fusion: Fusion, batches: Sequence[Mapping[str, torch.Tenso
     return mask, history
 
 
-def export_adapter_state(fusion: Fusion, mask: ConcreteMask, mode: str = "threshold",
-                         seed: int = 42) -> dict[str, torch.Tensor]:
-    """``θ_aligned + Merge({τ_i ⊙ b / mean b})`` with the exported mask ``b`` (fp32 factors on the CPU)."""
-    exported = {k: v.cpu() for k, v in mask.export(mode, seed).items()}
+def fused_adapter_state(fusion: Fusion, mask: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``θ_aligned + Merge({τ_i ⊙ b / mean b})`` for a fixed mask ``b`` (fp32 factors on the CPU, no gradient)."""
     cpu = Fusion({k: v.cpu() for k, v in fusion.aligned.items()}, [{k: v.cpu() for k, v in tv.items()}
                                                                       for tv in fusion.taus],
                  fusion.merge, fusion.merge_params, fusion.scope, fusion.rescale, fusion.detach_mean)
     with torch.no_grad():
-        return cpu.state(exported)
+        return cpu.state({k: v.cpu() for k, v in mask.items()})
+
+
+def export_adapter_state(fusion: Fusion, mask: ConcreteMask, mode: str = "threshold",
+                         seed: int = 42) -> dict[str, torch.Tensor]:
+    """The fused adapter with the exported mask ``b`` (:meth:`ConcreteMask.export`)."""
+    return fused_adapter_state(fusion, mask.export(mode, seed))
+
+
+def permuted_mask(mask: Mapping[str, torch.Tensor], seed: int = 42) -> dict[str, torch.Tensor]:
+    """The control of a learned mask: each tensor's entries randomly permuted (a seeded generator per tensor, in
+    key order), so the keep count per tensor — and for a soft mask every value — is kept but not the positions."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in sorted(mask):
+        flat = mask[k].reshape(-1)
+        out[k] = flat[torch.randperm(flat.numel(), generator=gen).to(flat.device)].reshape(mask[k].shape)
+    return out

@@ -209,7 +209,6 @@ def save_subspaces(path: str | Path, bases: Mapping[str, torch.Tensor],
 
 
 def load_subspaces(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    from .masks import read_tensors
 
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    return read_tensors(path)

@@ -46,6 +46,14 @@ def atomic_save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     return path
 
 
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata (the counterpart of :func:`atomic_save_tensors`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
 def mask_metadata(scorer: str, reference: str, mask_sparsity: float | None = None,
                   calibration_hash: str | None = None, **extra: Any) -> dict[str, str]:
     """String metadata of a mask file: scorer, reference, sparsity, calibration hash, plus ``extra``."""
