@@ -329,6 +329,9 @@ class SafeLoraConfig:
                          doc="C = V Vᵀ/‖V‖_F (published code) | orthogonal projector onto col V")
     tau: float = _f(0.6, range=(-1.0, 1.0), doc="cosine threshold; the NLSR paper's SafeLoRA runs use 0.6 (§7)")
     masked: bool = _f(False, doc="mask the aligned factors first (the NLSR code's mask_scale)")
+    update: str = _f("adapter", choices=("adapter", "finetuning_delta"),
+                     doc="project the attacked adapter's whole update κBA (spec) | only what fine-tuning added, "
+                         "κBA − κ̂B̂Â, keeping the aligned update (published variant only)")
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,8 @@ def _check_restore(p: Params) -> None:
         raise ParamsError(f"restore.layers: expected [a, b] with 0 <= a <= b (layers a <= i < b), got {list(r.layers)}")
     if r.strategy == "layers" and r.layers[0] == r.layers[1]:
         raise ParamsError(f"restore.layers: strategy 'layers' needs [a, b) with a < b, got {list(r.layers)}")
+    if r.safelora.variant == "nlsr_code" and r.safelora.update != "adapter":
+        raise ParamsError("restore.safelora.update: 'finetuning_delta' needs variant 'published' (B side)")
     if r.safelora.variant == "nlsr_code" and r.safelora.projection != "approx":
         raise ParamsError("restore.safelora.projection: variant 'nlsr_code' has only 'approx' (C = V Vᵀ/‖V‖_F)")
 

@@ -9,7 +9,10 @@ What each defence is given (DESIGN.md §4: every adapter lives in the aligned Lo
 * ``random_mask``: the same reference, and a seeded random mask with the scorer mask's count per tensor;
 * ``safelora`` / ``resta`` / ``aligned_adapter``: the aligned adapter (SafeLoRA's aligned subspace, RESTA's safety
   vector, the adapter re-applied wholesale);
-* ``none``: the attacked adapter itself.
+* ``none``: the attacked adapter itself;
+* ``safelora_delta`` (a variant, :data:`DEFENCE_VARIANTS`): SafeLoRA projecting only what fine-tuning added to
+  the aligned adapter (``safelora.update: finetuning_delta``); the spec's SafeLoRA projects the whole attacked
+  adapter, which here also contains the alignment.
 
 ``overrides`` replace parameters of :func:`~.restore.defence_params` (notebook 07's ablations); they are part of
 the stage's config, so every ablation point is its own cached artifact.
@@ -21,11 +24,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import Params, to_dict
+from .config import Params
 from .pipeline import ModelRef, aligned_adapter_ref
 from .runs import Run
 
 REFERENCES = ("expo", "plain")
+DEFENCE_VARIANTS = {  # name -> (registered defence, parameter overrides): rows beside the profile's defences
+    "safelora_delta": ("safelora", {"update": "finetuning_delta"}),
+}
 SELECTION_FILE = "selection.json"
 
 
@@ -49,6 +55,10 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
     from .restore.defences import get_defence
     from .safety_regions import MASK_FILE, mask_stage
 
+    name = defence
+    if defence in DEFENCE_VARIANTS:
+        defence, variant = DEFENCE_VARIANTS[defence]
+        overrides = {**variant, **(overrides or {})}
     spec = get_defence(defence)
     if defence == "none":
         return attacked
@@ -63,7 +73,7 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
         inputs["reference"] = ref.artifact
     kwargs = {**defence_params(params.restore, defence), **(overrides or {})}
     config = {"defence": defence, "method": method, "reference": ref.tag, "scorer": scorer if mask_file else None,
-              "mask_sparsity": mask_sparsity, "params": kwargs, "restore": to_dict(params.restore)}
+              "mask_sparsity": mask_sparsity, "params": kwargs}  # kwargs: every restore setting the defence reads
 
     def build(out: Path) -> dict:
         records = defend(defence, attacked.adapter, out / "adapter", reference_dir=ref.adapter,
@@ -71,7 +81,7 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
         (out / SELECTION_FILE).write_text(json.dumps(records, indent=1) + "\n")
         return {"selected": sum(r["selected"] for r in records), "modules": len(records)}
 
-    tag = f"restore/{defence}/{attacked.tag.removeprefix('attack/')}{tag_suffix}"
+    tag = f"restore/{name}/{attacked.tag.removeprefix('attack/')}{tag_suffix}"
     artifact = run.stage(tag, config, build, inputs=inputs)
     return ModelRef(tag, attacked.base, str(artifact.path / "adapter"), artifact)
 
@@ -79,3 +89,13 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
 def selection_records(ref: ModelRef) -> list[dict]:
     """The per-module records (name, layer, module_type, similarity, probability, selected) of a defended model."""
     return json.loads((Path(ref.adapter).parent / SELECTION_FILE).read_text())
+
+
+def defence_names(params: Params) -> list[str]:
+    """The profile's defences in registry order, each followed by its variants (``safelora`` → ``safelora_delta``)."""
+    from .restore import DEFENCES
+
+    names = []
+    for d in (d for d in DEFENCES if d in params.restore.defences):
+        names += [d, *(v for v, (base, _) in DEFENCE_VARIANTS.items() if base == d)]
+    return names

@@ -21,7 +21,9 @@
 #   rank (less similar, more likely); in selected modules the masked entries take the reference's values;
 # * `random_mask`: the same with a random mask of the same size (the control);
 # * `safelora` (projection onto the aligned subspace where the cosine is below τ), `resta` (adds γ × the safety
-#   vector), `aligned_adapter` (the aligned adapter re-applied wholesale), `none` (the attacked adapter).
+#   vector), `aligned_adapter` (the aligned adapter re-applied wholesale), `none` (the attacked adapter);
+# * `safelora_delta`: SafeLoRA projecting only what fine-tuning added to the aligned adapter (the attacked adapter
+#   continues the aligned one, so the spec's SafeLoRA also projects the alignment itself).
 #
 # Rows: `aligned` is the model before the attack. Harmful score on the test slice (primary judge) and the task's
 # accuracy (the paper's lenient rule).
@@ -35,7 +37,6 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import attack, pipeline, plots, restoration
 from nlsr_lib.config import load_params
-from nlsr_lib.restore import DEFENCES
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
 
@@ -61,7 +62,7 @@ def defend_all(method: str, task: str, p: float) -> list[dict]:
     rows = [{"task": task, "method": method, "poison_ratio": p, "defense": "aligned",
              "harmful_score": harmful(aligned), "accuracy": accuracy(aligned, task)}]
     attacked = attack.attack_stage(params, run, method, task, p)
-    for defence in (d for d in DEFENCES if d in params.restore.defences):
+    for defence in restoration.defence_names(params):
         ref = restoration.defence_stage(params, run, attacked, method, defence)
         rows.append({"task": task, "method": method, "poison_ratio": p, "defense": defence,
                      "harmful_score": harmful(ref), "accuracy": accuracy(ref, task)})

@@ -61,8 +61,8 @@ def test_notebooks_02_onward_smoke(nlsr_home):
     assert all(0.0 <= r["jaccard"] <= 1.0 for r in overlap) and {r["kind"] for r in overlap} == {"scorers", "methods"}
     restored = json.loads((results_dir("smoke") / "05_restoration.json").read_text())
     assert all({"task", "method", "poison_ratio", "defense", "harmful_score", "accuracy"} <= set(r) for r in restored)
-    assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "resta", "aligned_adapter",
-                                                "random_mask"}
+    assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "safelora_delta", "resta",
+                                                "aligned_adapter", "random_mask"}
     fused = json.loads((results_dir("smoke") / "06_model_fusion.json").read_text())
     assert all({"fusion", "inputs", "harmful_score", "accuracy"} <= set(r) for r in fused)
     assert {r["fusion"] for r in fused} >= {"aligned", "none", "weight_averaging", "task_arithmetic", "ties", "dare",

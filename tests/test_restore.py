@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from nlsr_lib.config import DEFENCE_NAMES, RESTORE_STRATEGY_NAMES, ParamsError, load_params
-from nlsr_lib.models import read_adapter, write_adapter
+from nlsr_lib.models import lora_scaling, read_adapter, write_adapter
 from nlsr_lib.restore import (
     CORRECTIONS, DEFENCES, SELECTION_FILE, STRATEGIES, Adapter, RestoreError, adaptive_probabilities,
     defence_params, defend, defend_adapter, explicit_similarity, gram_similarity, lora_modules, realign,
@@ -284,6 +284,38 @@ def test_safelora_exact_projection_is_idempotent_and_nlsr_code_matches_its_formu
     assert cos == pytest.approx(float((c @ d).flatten() @ d.flatten() / ((c @ d).norm() * d.norm())), abs=1e-5)
 
 
+@pytest.mark.parametrize("projection", ["approx", "exact"])
+@pytest.mark.parametrize("tau", [-1.5, 1.5])
+def test_safelora_on_the_finetuning_delta_matches_the_dense_formula(projection, tau):
+    """Projected modules become κ̂B̂Â + C(κBA − κ̂B̂Â), the others keep κBA; the result is a rank-2r adapter."""
+    from nlsr_lib.restore.baselines import safelora_delta_state
+
+    ft, ref = make_state(0), make_state(1)
+    out, records = safelora_delta_state(ft, ref, reference_scaling=2.0, scaling=2.0, tau=tau, projection=projection)
+    assert all(r["selected"] == (tau > 0) for r in records)
+    for m in lora_modules(ft):
+        a, b, ar, br = (t.double() for t in (ft[m.key_a], ft[m.key_b], ref[m.key_a], ref[m.key_b]))
+        assert out[m.key_a].shape == (2 * a.shape[0], a.shape[1]) and out[m.key_b].shape == (b.shape[0], 2 * b.shape[1])
+        c = _explicit_projection(ref[m.key_a], ref[m.key_b], 2.0, projection == "exact")
+        dw = 2.0 * (b @ a - br @ ar)
+        expected = 2.0 * br @ ar + c @ dw if tau > 0 else 2.0 * b @ a
+        torch.testing.assert_close(2.0 * out[m.key_b].double() @ out[m.key_a].double(), expected, atol=1e-4,
+                                   rtol=1e-4)
+        cos = float((c @ dw).flatten() @ dw.flatten() / ((c @ dw).norm() * dw.norm()))
+        assert records[lora_modules(ft).index(m)]["similarity"] == pytest.approx(cos, abs=1e-5)
+
+
+def test_safelora_delta_defence_doubles_the_rank_and_refuses_the_code_variant():
+    ft, ref = Adapter(make_state(0), CONFIG), Adapter(make_state(1), CONFIG)
+    out, _ = defend_adapter("safelora", ft, ref, None, update="finetuning_delta", tau=0.6)
+    assert out.config["r"] == 2 * CONFIG["r"] and lora_scaling(out.config) == lora_scaling(CONFIG)
+    with pytest.raises(RestoreError, match="needs variant 'published'"):
+        defend_adapter("safelora", ft, ref, None, update="finetuning_delta", variant="nlsr_code")
+    with pytest.raises(ParamsError, match="restore.safelora.update"):
+        load_params(REPO / "params" / "tiny.yaml", {"restore.safelora.variant": "nlsr_code",
+                                                    "restore.safelora.update": "finetuning_delta"})
+
+
 def test_defence_registry_properties():
     ft, ref = Adapter(make_state(0), CONFIG), Adapter(make_state(1), CONFIG)
     mask = make_mask(ft.state)
@@ -386,3 +418,13 @@ def test_benchmark_logic_at_a_tiny_shape(tmp_path):
     assert result["explicit_layers_timed"] == 2 and result["explicit_fp32_vs_gram_max_abs_diff"] < 1e-4
     assert result["gram_vs_fp64_abs_diff"] < 1e-6
     assert (tmp_path / "realigned" / SELECTION_FILE).is_file()
+
+
+def test_defence_names_put_each_variant_after_its_defence():
+    from nlsr_lib.restoration import defence_names
+
+    params = load_params(REPO / "params" / "tiny.yaml")
+    names = defence_names(params)
+    assert names.index("safelora_delta") == names.index("safelora") + 1
+    assert "safelora_delta" not in defence_names(load_params(REPO / "params" / "tiny.yaml",
+                                                             {"restore.defences": ["none", "nlsr"]}))

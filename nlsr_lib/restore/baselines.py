@@ -133,6 +133,48 @@ def safelora_state(finetuned: Mapping[str, Tensor], reference: Mapping[str, Tens
     return out, module_records(modules, cosines, [float(s) for s in selected], selected)
 
 
+def safelora_delta_state(finetuned: Mapping[str, Tensor], reference: Mapping[str, Tensor],
+                         mask: Mapping[str, Tensor] | None = None, *, reference_scaling: float, scaling: float,
+                         tau: float = 0.6, projection: str = "approx", check_values: bool = True,
+                         show_progress: bool | None = None) -> tuple[dict[str, Tensor], list[dict]]:
+    """SafeLoRA on what fine-tuning added (``safelora.update: finetuning_delta``), for adapters that continue the
+    aligned one. With ``ΔW = κBA − κ̂B̂Â = κ[B, −sB̂][A; Â]`` (``s = κ̂/κ``) and C from V = κ̂B̂Â as in
+    :func:`safelora_state`, a module with ``cos(vec(CΔW), vec ΔW) ≤ τ`` becomes ``κ̂B̂Â + CΔW``, every other
+    module keeps ``κBA``. Written exactly as a rank-2r LoRA (κ unchanged): projected
+    ``B' = [CB, s(B̂ − CB̂)]``, others ``B' = [B, 0]``; ``A' = [A; Â]``."""
+    _choice("SafeLoRA projection", projection, SAFELORA_PROJECTIONS)
+    modules = check_pair(finetuned, reference, ("fine-tuned adapter", "aligned adapter"))
+    mask = None if mask is None else check_mask(mask, finetuned)
+    if check_values:
+        check_finite(finetuned, "fine-tuned adapter")
+        check_finite(reference, "aligned adapter")
+    s = reference_scaling / scaling
+
+    def one(m) -> tuple[float, bool, tuple[Tensor, Tensor]]:
+        a, b = finetuned[m.key_a].float(), finetuned[m.key_b].float()
+        a_ref = masked(reference[m.key_a], None if mask is None else mask[m.key_a]).float()
+        b_ref = masked(reference[m.key_b], None if mask is None else mask[m.key_b]).float()
+        a_hat, b_hat = reference[m.key_a].float(), reference[m.key_b].float()
+        cb = _projected_b(b, a_ref, b_ref, reference_scaling, projection)
+        cb_hat = _projected_b(b_hat, a_ref, b_ref, reference_scaling, projection)
+        b_delta, a_delta = torch.cat([b, -s * b_hat], dim=1), torch.cat([a, a_hat], dim=0)
+        b_proj = torch.cat([cb, -s * cb_hat], dim=1)
+        cos = cosine(frobenius_inner(b_proj, a_delta, b_delta, a_delta),
+                     frobenius_inner(b_proj, a_delta, b_proj, a_delta),
+                     frobenius_inner(b_delta, a_delta, b_delta, a_delta))
+        chosen = cos <= tau
+        b_new = torch.cat([cb, s * (b_hat - cb_hat)], dim=1) if chosen else torch.cat([b, torch.zeros_like(b_hat)], 1)
+        return cos, chosen, (a_delta, b_new)
+
+    results = map_modules(one, modules, "SafeLoRA (fine-tuning delta)", show_progress)
+    out = {}
+    for m, (_, _, (a_new, b_new)) in zip(modules, results):
+        out[m.key_a] = a_new.to(finetuned[m.key_a].dtype)
+        out[m.key_b] = b_new.to(finetuned[m.key_b].dtype)
+    cosines, selected = [r[0] for r in results], [r[1] for r in results]
+    return out, module_records(modules, cosines, [float(x) for x in selected], selected)
+
+
 # --------------------------------------------------------------------------------------------- RESTA
 def resta_state(finetuned: Mapping[str, Tensor], reference: Mapping[str, Tensor], *, gamma: float = 0.2,
                 space: str = "weight", scaling_ratio: float = 1.0, check_values: bool = True) -> dict[str, Tensor]:
@@ -161,12 +203,16 @@ def resta_config(config: Mapping, space: str = "weight") -> dict:
     """The adapter config of a RESTA result: unchanged for ``factor``; for ``weight`` r doubled and lora_alpha
     set so that κ = lora_alpha/r (or /sqrt(r) with rsLoRA) is unchanged."""
     _choice("RESTA space", space, RESTA_SPACES)
-    out = dict(config)
     if space == "factor":
-        return out
+        return dict(config)
+    return doubled_rank_config(config, "RESTA in weight space")
+
+
+def doubled_rank_config(config: Mapping, what: str) -> dict:
+    """``config`` with r doubled and lora_alpha set so that κ = lora_alpha/r (or /sqrt(r)) is unchanged."""
+    out = dict(config)
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise RestoreError("RESTA in weight space doubles the rank; adapters with rank_pattern/alpha_pattern "
-                           "are not supported")
+        raise RestoreError(f"{what} doubles the rank; adapters with rank_pattern/alpha_pattern are not supported")
     r = int(config["r"])
     kappa = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
     out["r"] = 2 * r

@@ -30,7 +30,10 @@ import torch
 from ..config import RestoreConfig
 from ..models import lora_scaling, read_adapter, write_adapter
 from ..runs import atomic_write_json
-from .baselines import random_mask_like, random_mask_of_density, resta_config, resta_state, safelora_state
+from .baselines import (
+    doubled_rank_config, random_mask_like, random_mask_of_density, resta_config, resta_state, safelora_delta_state,
+    safelora_state,
+)
 from .modules import RestoreError, check_mask, check_pair, lora_modules
 from .nlsr import module_records, realign_state
 from .parallel import kernel_pool
@@ -131,13 +134,25 @@ def random_mask_defence(finetuned: Adapter, reference: Adapter, mask=None, *, se
 
 @register_defence("safelora", uses_mask=True)
 def safelora_defence(finetuned: Adapter, reference: Adapter, mask=None, *, masked: bool = False,
-                     check_values: bool = True, show_progress: bool | None = None,
+                     update: str = "adapter", check_values: bool = True, show_progress: bool | None = None,
                      **params) -> tuple[Adapter, list[dict]]:
     """SafeLoRA (:func:`.baselines.safelora_state`) with V from the aligned adapter given as ``reference``;
-    params: tau, variant, projection. The mask is used only with ``masked=True`` (the code's mask_scale)."""
-    state, records = safelora_state(finetuned.state, reference.state, mask if masked else None,
-                                    reference_scaling=reference.scaling, check_values=check_values,
-                                    show_progress=show_progress, **params)
+    params: tau, variant, projection. The mask is used only with ``masked=True`` (the code's mask_scale).
+    ``update="finetuning_delta"`` projects only what fine-tuning added (:func:`.baselines.safelora_delta_state`),
+    written as a rank-2r adapter."""
+    mask = mask if masked else None
+    if update == "finetuning_delta":
+        if params.get("variant", "published") != "published":
+            raise RestoreError("SafeLoRA update 'finetuning_delta' needs variant 'published'")
+        params.pop("variant", None)
+        state, records = safelora_delta_state(finetuned.state, reference.state, mask,
+                                              reference_scaling=reference.scaling, scaling=finetuned.scaling,
+                                              check_values=check_values, show_progress=show_progress, **params)
+        return Adapter(state, doubled_rank_config(finetuned.config, "SafeLoRA on the fine-tuning delta")), records
+    if update != "adapter":
+        raise RestoreError(f"unknown SafeLoRA update {update!r}; allowed: adapter, finetuning_delta")
+    state, records = safelora_state(finetuned.state, reference.state, mask, reference_scaling=reference.scaling,
+                                    check_values=check_values, show_progress=show_progress, **params)
     return Adapter(state, finetuned.config), records
 
 
@@ -248,7 +263,8 @@ def defence_params(cfg: RestoreConfig, name: str) -> dict[str, Any]:
         return out
     if name == "safelora":
         s = cfg.safelora
-        return {"tau": s.tau, "variant": s.variant, "projection": s.projection, "masked": s.masked}
+        return {"tau": s.tau, "variant": s.variant, "projection": s.projection, "masked": s.masked,
+                "update": s.update}
     if name == "resta":
         return {"gamma": cfg.resta.gamma, "space": cfg.resta.space}
     return {}
