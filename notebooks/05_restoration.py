@@ -48,24 +48,18 @@ print(f"profile {params.profile}: defences {list(params.restore.defences)}, stra
 
 
 # %%
-def harmful(ref) -> float:
-    return pipeline.primary_harmful_score(params, run, ref)
-
-
-def accuracy(ref, task: str) -> float:
-    return attack.task_accuracy(params, run, ref, task)
-
-
 def defend_all(method: str, task: str, p: float) -> list[dict]:
     """The aligned row and one row per defence of the ``method`` adapter attacked on ``task`` at ratio ``p``."""
     aligned = pipeline.aligned_adapter_ref(params, run, method)
     rows = [{"task": task, "method": method, "poison_ratio": p, "defense": "aligned",
-             "harmful_score": harmful(aligned), "accuracy": accuracy(aligned, task)}]
+             "harmful_score": pipeline.primary_harmful_score(params, run, aligned),
+             "accuracy": attack.task_accuracy(params, run, aligned, task)}]
     attacked = attack.attack_stage(params, run, method, task, p)
     for defence in restoration.defence_names(params):
         ref = restoration.defence_stage(params, run, attacked, method, defence)
         rows.append({"task": task, "method": method, "poison_ratio": p, "defense": defence,
-                     "harmful_score": harmful(ref), "accuracy": accuracy(ref, task)})
+                     "harmful_score": pipeline.primary_harmful_score(params, run, ref),
+                     "accuracy": attack.task_accuracy(params, run, ref, task)})
     return rows
 
 

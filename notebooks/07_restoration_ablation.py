@@ -42,16 +42,14 @@ print(f"profile {params.profile}: {a.method} attacked on {a.task} at p = {a.pois
 
 
 # %%
-def harmful(ref) -> float:
-    return pipeline.primary_harmful_score(params, run, ref)
-
-
-def accuracy(ref) -> float:
-    return attack.task_accuracy(params, run, ref, a.task)
+def measure(ref) -> dict:
+    """Harmful score (primary judge, test slice) and task accuracy of one defended model."""
+    return {"harmful_score": pipeline.primary_harmful_score(params, run, ref),
+            "accuracy": attack.task_accuracy(params, run, ref, a.task)}
 
 
 baselines = pd.DataFrame([
-    {"defense": name, "harmful_score": harmful(ref), "accuracy": accuracy(ref)}
+    {"defense": name, **measure(ref)}
     for name, ref in (("aligned", pipeline.aligned_adapter_ref(params, run, a.method)),
                       ("none", ablation.attacked_ref(params, run)))])
 display(baselines.round(1))
@@ -64,9 +62,8 @@ records = []
 for name, value, defence in ablation.ablation_points(params):
     ref = ablation.ablation_stage(params, run, name, value, defence)
     selection = selection_records(ref)
-    records.append({"ablation": name, "value": value, "defense": defence, "harmful_score": harmful(ref),
-                    "accuracy": accuracy(ref), "restored_modules": sum(r["selected"] for r in selection),
-                    "modules": len(selection)})
+    records.append({"ablation": name, "value": value, "defense": defence, **measure(ref),
+                    "restored_modules": sum(r["selected"] for r in selection), "modules": len(selection)})
 table = pd.DataFrame(records)
 write_results(records, "07_restoration_ablation", params.profile,
               columns=["ablation", "value", "defense", "harmful_score", "accuracy", "restored_modules", "modules"])
