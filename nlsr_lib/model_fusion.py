@@ -218,13 +218,30 @@ def fusion_stage(params: Params, run: Run, tasks: Sequence[str], name: str) -> M
     return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
 
 
+def _masked_fusion(params: Params, aligned: ModelRef, attacked: Sequence[ModelRef]):
+    """The :class:`~.fusion.learned_mask.Fusion` a learned mask acts on: the aligned adapter, the attacked adapters'
+    factor-space task vectors (each adapter read once) and ``fusion.learned_mask``'s merge settings."""
+    from .fusion import method_params
+    from .fusion.learned_mask import Fusion
+    from .models import read_adapter
+
+    lm = params.fusion.learned_mask
+    state_aligned = {k: v.float() for k, v in read_adapter(aligned.adapter)[0].items()}
+    taus = []
+    for ref in attacked:
+        state = read_adapter(ref.adapter)[0]
+        taus.append({k: state[k].float() - v for k, v in state_aligned.items()})
+    return Fusion(state_aligned, taus, merge=lm.merge, merge_params=method_params(params.fusion, lm.merge),
+                  scope=params.fusion.ties_scope, rescale=lm.rescale, detach_mean=lm.detach_mean)
+
+
 def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelRef:
     """SOMF's learned mask over the task vectors of ``tasks`` (somf §2), trained with DPO on the SafeRLHF ``test``
     split's safety pairs (chosen = the safe response; SOMF's realign data), exported as a fused adapter."""
     from .data.builders import build_preference_pairs
     from .fusion import method_params
-    from .fusion.learned_mask import Fusion, export_adapter_state, train_mask
-    from .models import load_tokenizer, load_with_adapter, read_adapter
+    from .fusion.learned_mask import export_adapter_state, train_mask
+    from .models import load_tokenizer, load_with_adapter
     from .regions import preference_batches
     from .regions.masks import atomic_save_tensors
 
@@ -237,9 +254,7 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
               "sources": params.data.sources.pku_saferlhf}
 
     def build(out: Path) -> dict:
-        state_aligned, _ = read_adapter(aligned.adapter)
-        taus = [{k: read_adapter(r.adapter)[0][k].float() - v.float() for k, v in state_aligned.items()}
-                for r in attacked]
+        fusion = _masked_fusion(params, aligned, attacked)
         test = load_sources(params, run)["pku_saferlhf"]["test"]
         pairs = build_preference_pairs(test, n=len(test), strict=False)
         if not pairs:
@@ -248,15 +263,12 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
         batches = preference_batches(tokenizer, pairs, n=lm.n_pairs, seed=lm.seed, max_length=lm.max_length,
                                      batch_size=lm.batch_size)
         model = load_with_adapter(aligned.base, aligned.adapter, params.model)
-        fusion = Fusion({k: v.float() for k, v in state_aligned.items()}, taus, merge=lm.merge,
-                        merge_params=method_params(params.fusion, lm.merge), scope=params.fusion.ties_scope,
-                        rescale=lm.rescale, detach_mean=lm.detach_mean)
-        lr = lm.learning_rate if len(taus) == 1 else lm.learning_rate_multi
+        lr = lm.learning_rate if len(fusion.taus) == 1 else lm.learning_rate_multi
         mask, history = train_mask(model, fusion, batches, temperature=lm.temperature, init_logit=lm.init_logit,
                                    beta=lm.beta, learning_rate=lr, epochs=lm.epochs, seed=lm.seed,
                                    show_progress=not quiet())
-        atomic_save_tensors(out / MASK_LOGITS_FILE, mask.state(), {"temperature": str(lm.temperature),
-                                                             "tasks": ",".join(tasks)})
+        atomic_save_tensors(out / MASK_LOGITS_FILE, mask.state(),
+                            {"temperature": str(lm.temperature), "tasks": ",".join(tasks)})
         atomic_write_json(out / HISTORY_FILE, history)
         state = export_adapter_state(fusion, mask, lm.export, lm.seed)
         _write_adapter(out, state, Path(aligned.adapter), {"fusion": "learned_mask", "tasks": list(tasks),
@@ -279,8 +291,7 @@ def mask_history(ref: ModelRef) -> list[dict]:
 
 def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelRef:
     """The learned mask's control: the exported mask permuted within each tensor (seed ``learned_mask.seed``)."""
-    from .fusion.learned_mask import ConcreteMask, Fusion, fused_adapter_state, permuted_mask
-    from .models import read_adapter
+    from .fusion.learned_mask import ConcreteMask, fused_adapter_state, permuted_mask
     from .regions.masks import read_tensors
 
     lm = params.fusion.learned_mask
@@ -290,17 +301,10 @@ def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) ->
     config = {"tasks": list(tasks), "export": lm.export, "seed": lm.seed}
 
     def build(out: Path) -> dict:
-        from .fusion import method_params
-
         logits, _ = read_tensors(learned.artifact.path / MASK_LOGITS_FILE)
         mask = ConcreteMask({k: v.shape for k, v in logits.items()}, lm.temperature)
         mask.load_state(logits)
-        state_aligned, _ = read_adapter(aligned.adapter)
-        taus = [{k: read_adapter(r.adapter)[0][k].float() - v.float() for k, v in state_aligned.items()}
-                for r in attacked]
-        fusion = Fusion({k: v.float() for k, v in state_aligned.items()}, taus, merge=lm.merge,
-                        merge_params=method_params(params.fusion, lm.merge), scope=params.fusion.ties_scope,
-                        rescale=lm.rescale, detach_mean=lm.detach_mean)
+        fusion = _masked_fusion(params, aligned, attacked)
         control = permuted_mask(mask.export(lm.export, lm.seed), lm.seed)
         state = fused_adapter_state(fusion, control)
         _write_adapter(out, state, Path(aligned.adapter), {"fusion": "learned_mask_random", "tasks": list(tasks),
