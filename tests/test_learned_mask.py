@@ -198,6 +198,8 @@ def test_training_refuses_adapters_of_other_modules(peft_model):
     wrong = Fusion({k + "x": v for k, v in fusion.aligned.items()}, [{k + "x": v for k, v in fusion.taus[0].items()}])
     with pytest.raises(ValueError, match="the model's LoRA matrices and the adapters' keys differ"):
         train_mask(peft_model, wrong, [_pref_batch(1)], show_progress=False)
+    with pytest.raises(ValueError, match="no preference batches"):
+        train_mask(peft_model, fusion, [], show_progress=False)
 
 
 def test_mask_state_round_trip_and_shape_errors():

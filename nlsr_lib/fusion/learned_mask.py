@@ -190,6 +190,8 @@ def train_mask(model, fusion: Fusion, batches: Sequence[Mapping[str, torch.Tenso
     weights are substituted functionally at every step, never written. Returns the mask and a per-step history."""
     from ..regions.activations import input_device, progress
 
+    if not batches:
+        raise ValueError("learned mask: no preference batches to train on")
     names = lora_parameter_names(model)
     if set(names) != set(fusion.aligned):
         diff = sorted(set(names) ^ set(fusion.aligned))[:5]
