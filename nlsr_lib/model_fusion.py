@@ -158,6 +158,14 @@ def task_refs(params: Params, run: Run, tasks: Sequence[str]) -> list[ModelRef]:
     return [attack_stage(params, run, f.method, task, f.poison_ratio) for task in tasks]
 
 
+def fusion_inputs(params: Params, run: Run, tasks: Sequence[str]) -> tuple[ModelRef, list[ModelRef], dict]:
+    """The aligned adapter, the attacked adapters of ``tasks`` and the stage inputs they make."""
+    aligned = aligned_adapter_ref(params, run, params.fusion.method)
+    attacked = task_refs(params, run, tasks)
+    inputs = {"aligned": aligned.artifact, **{f"task{i}": r.artifact for i, r in enumerate(attacked)}}
+    return aligned, attacked, inputs
+
+
 def region_stage(params: Params, run: Run) -> Artifact:
     """The NLSR safety region of ``fusion.method``: the low-rank mask (and subspaces) of its EXPO reference."""
     from .safety_regions import mask_stage, reference_ref
@@ -190,9 +198,7 @@ def fusion_stage(params: Params, run: Run, tasks: Sequence[str], name: str) -> M
     from .models import read_adapter
 
     kind = get_fusion(name)
-    aligned = aligned_adapter_ref(params, run, params.fusion.method)
-    attacked = task_refs(params, run, tasks)
-    inputs = {"aligned": aligned.artifact, **{f"task{i}": r.artifact for i, r in enumerate(attacked)}}
+    aligned, attacked, inputs = fusion_inputs(params, run, tasks)
     region = region_stage(params, run) if kind.uses_region else None
     if region is not None:
         inputs["region"] = region
@@ -246,9 +252,7 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
     from .regions.masks import atomic_save_tensors
 
     lm = params.fusion.learned_mask
-    aligned = aligned_adapter_ref(params, run, params.fusion.method)
-    attacked = task_refs(params, run, tasks)
-    inputs = {"aligned": aligned.artifact, **{f"task{i}": r.artifact for i, r in enumerate(attacked)}}
+    aligned, attacked, inputs = fusion_inputs(params, run, tasks)
     config = {"tasks": list(tasks), "learned_mask": to_dict(lm), "model": to_dict(params.model),
               "merge_params": method_params(params.fusion, lm.merge), "ties_scope": params.fusion.ties_scope,
               "sources": params.data.sources.pku_saferlhf}
@@ -296,8 +300,7 @@ def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) ->
 
     lm = params.fusion.learned_mask
     learned = learned_mask_stage(params, run, tasks)
-    aligned = aligned_adapter_ref(params, run, params.fusion.method)
-    attacked = task_refs(params, run, tasks)
+    aligned, attacked, inputs = fusion_inputs(params, run, tasks)
     config = {"tasks": list(tasks), "export": lm.export, "seed": lm.seed}
 
     def build(out: Path) -> dict:
@@ -312,8 +315,7 @@ def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) ->
         return {"keep_rate": sum(float(m.sum()) for m in control.values()) / sum(m.numel() for m in control.values())}
 
     tag = f"fusion/{_inputs_tag(params, tasks)}/learned_mask_random"
-    artifact = run.stage(tag, config, build, inputs={"learned_mask": learned.artifact, "aligned": aligned.artifact,
-                                                       **{f"task{i}": r.artifact for i, r in enumerate(attacked)}})
+    artifact = run.stage(tag, config, build, inputs={"learned_mask": learned.artifact, **inputs})
     return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
 
 
