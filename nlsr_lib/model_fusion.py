@@ -21,7 +21,6 @@ writes a PEFT adapter over W_sft. The fusions, in a registry (:data:`FUSIONS`):
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -179,14 +178,12 @@ def _inputs_tag(params: Params, tasks: Sequence[str]) -> str:
 
 def _write_adapter(out: Path, state: Mapping[str, torch.Tensor], aligned_dir: Path, record: dict) -> Path:
     """The fused adapter (aligned adapter's config and dtype, tokenizer files copied) and its provenance."""
-    from .models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, write_adapter
+    from .models import copy_tokenizer_files, read_adapter, write_adapter
 
     aligned, cfg = read_adapter(aligned_dir)
     adapter = out / "adapter"
     write_adapter(adapter, {k: v.to(aligned[k].dtype) for k, v in state.items()}, cfg)
-    for extra in aligned_dir.iterdir():
-        if extra.is_file() and extra.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            shutil.copy2(extra, adapter / extra.name)
+    copy_tokenizer_files(aligned_dir, adapter)
     atomic_write_json(out / "fusion.json", record)
     return adapter
 

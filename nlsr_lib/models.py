@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -22,6 +23,8 @@ from .config import LoraConfig, ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def resolve_device_map(device_map: str) -> str | None:
@@ -96,6 +99,15 @@ def write_adapter(adapter_dir: str | Path, state: Mapping[str, torch.Tensor], co
     save_file({k: v.contiguous() for k, v in state.items()}, str(adapter_dir / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, default=list) + "\n")
+
+
+def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Copy the tokenizer files of adapter directory ``src_dir`` (those of ``TOKENIZER_FILES`` it has) into
+    ``dst_dir``, so a written adapter loads with the tokenizer it was trained with."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, dst_dir / name)
 
 
 def lora_scaling(config: Mapping) -> float:

@@ -380,12 +380,15 @@ def test_factor_space_merge_of_adapters(tmp_path):
     aligned = _adapter(gen)
     tasks = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in aligned.items()} for _ in range(2)]
     write_adapter(tmp_path / "al", aligned, cfg)
+    (tmp_path / "al" / "tokenizer.json").write_text("{}")
+    (tmp_path / "al" / "README.md").write_text("model card")
     for i, t in enumerate(tasks):
         write_adapter(tmp_path / f"t{i}", t, cfg)
     out = merge_adapters(tmp_path / "al", [tmp_path / "t0", tmp_path / "t1"], tmp_path / "out", "task_arithmetic",
                          lam=0.5)
     merged, merged_cfg = read_adapter(out)
     assert merged_cfg == cfg
+    assert (out / "tokenizer.json").is_file() and not (out / "README.md").exists()  # tokenizer files only
     for k in aligned:  # θ_aligned + 0.5 (τ_1 + τ_2) = θ_aligned + 0.5 Σ(θ_t − θ_aligned)
         close(merged[k], aligned[k] + 0.5 * ((tasks[0][k] - aligned[k]) + (tasks[1][k] - aligned[k])), 1e-5)
     write_adapter(tmp_path / "r4", _adapter(gen, r=4), {**cfg, "r": 4})

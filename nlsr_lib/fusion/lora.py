@@ -23,13 +23,12 @@ The merged dense delta is not re-factored into a LoRA (that would need an SVD an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from ..models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_scaling, read_adapter, write_adapter
+from ..models import copy_tokenizer_files, lora_scaling, read_adapter, write_adapter
 from .inmemory import apply_delta, merge_task_vectors, task_vectors
 from .layout import LayoutError, TensorMeta
 from .safetensors_io import CheckpointReader
@@ -72,9 +71,7 @@ def merge_adapters(aligned_dir: str | Path, task_dirs: Sequence[str | Path], out
     merged = merge_adapter_states(aligned, [s for s, _ in loaded], method, scope=scope,
                                   single_task_identity=single_task_identity, **params)
     write_adapter(out_dir, merged, cfg)
-    for extra in aligned_dir.iterdir():
-        if extra.is_file() and extra.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, PROVENANCE):
-            shutil.copy2(extra, out_dir / extra.name)
+    copy_tokenizer_files(aligned_dir, out_dir)
     record = {"method": method, "scope": scope, "single_task_identity": single_task_identity, "params": params,
               "space": "lora_factors", "aligned": str(aligned_dir), "tasks": [str(d) for d in task_dirs]}
     (out_dir / PROVENANCE).write_text(json.dumps(record, indent=2, default=str) + "\n")

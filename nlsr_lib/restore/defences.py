@@ -19,7 +19,6 @@ records as ``selection.json``, plus ``defence.json`` (name and parameters).
 from __future__ import annotations
 
 import inspect
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from ..config import RestoreConfig
-from ..models import lora_scaling, read_adapter, write_adapter
+from ..models import copy_tokenizer_files, lora_scaling, read_adapter, write_adapter
 from ..runs import atomic_write_json
 from .baselines import (
     doubled_rank_config, random_mask_like, random_mask_of_density, resta_config, resta_state, safelora_delta_state,
@@ -42,8 +41,6 @@ from .selection import strategy_parameters, strategy_params
 Tensor = torch.Tensor
 SELECTION_FILE = "selection.json"
 DEFENCE_FILE = "defence.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 NLSR_PARAMS = ("strategy", "correction", "similarity", "tau", "prune_rate", "epsilon", "favor", "seed", "layers")
 
 
@@ -194,12 +191,6 @@ def load_mask(path: str | Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
 def _distinct(out_dir: Path, *inputs: Path | None) -> None:
     for src in inputs:
         if src is not None and out_dir.resolve() == src.resolve():
@@ -224,7 +215,7 @@ def defend(name: str, finetuned_dir: str | Path, out_dir: str | Path, *, referen
         params.setdefault("check_values", False)  # read_adapter has refused NaN/inf already
     adapter, records = defend_adapter(name, finetuned, reference, mask, **params)
     write_adapter(out_dir, adapter.state, adapter.config)
-    _copy_tokenizer(finetuned_dir, out_dir)
+    copy_tokenizer_files(finetuned_dir, out_dir)
     atomic_write_json(out_dir / SELECTION_FILE, records)
     atomic_write_json(out_dir / DEFENCE_FILE, {
         "defence": name, "params": {k: v for k, v in params.items() if k not in ("check_values", "show_progress")},
