@@ -122,14 +122,14 @@ class ModelConfig:
 class PretrainConfig:
     """Pretraining of the tiny base (spec/synthetic_world.md §3): causal LM on Alpaca-formatted world text."""
 
-    steps: int = _f(500, range=(1, None))
+    steps: int = _f(800, range=(1, None))
     batch_size: int = _f(32, range=(1, None))
     learning_rate: float = _f(3e-3, range=(0.0, None))
     weight_decay: float = _f(0.01, range=(0.0, None))
     warmup_steps: int = _f(50, range=(0, None))
     max_length: int = _f(128, range=(8, None))
     refusal_fraction: float = _f(0.1, range=(0.0, 1.0), doc="share of harmful prompts answered with a refusal")
-    task_examples: int = _f(1500, range=(0, None), doc="examples per downstream task in the corpus")
+    task_examples: int = _f(5000, range=(0, None), doc="examples per downstream task in the corpus")
 
 
 @dataclass(frozen=True)
