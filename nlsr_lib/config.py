@@ -298,6 +298,8 @@ class FusionConfig:
     ties_scope: str = _f("global", choices=("global", "tensor"),
                          doc="trim over the whole model (paper, SOMF) | per tensor (mergekit, PEFT)")
     ties_disjoint: str = _f("mean", choices=("mean", "sum"), doc="disjoint mean (paper) | dis-sum (SOMF code)")
+    consensus_ties_disjoint: str = _f("sum", choices=("mean", "sum"),
+                                      doc="Consensus TIES: dis-sum (the TALL code it cites) | disjoint mean")
     dare_drop: float = _f(0.2, range=(0.0, 1.0), open_hi=True, doc="DARE drop rate p (SOMF multi-task 0.2)")
     dare_seed: int = _f(42, doc="DARE masks: one generator per (seed, tensor, task)")
     consensus_k: int = _f(2, range=(0, None), doc="keep weights used by >= k tasks (TALL masks paper)")

@@ -297,7 +297,7 @@ def judge_for(params: Params, run: Run, judge_name: str) -> tuple[Callable[[], A
 
 def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str) -> Artifact:
     """Verdicts of one judge on a generations artifact and the harmful score 100·flagged/N."""
-    from .evaluate.judges import harmful_score
+    from .evaluate.judges import empty_share, harmful_score
 
     get_judge, judge_inputs = judge_for(params, run, judge_name)
     config = {"judge": judge_name,
@@ -307,23 +307,24 @@ def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str
         rows = json.loads((generations.path / "generations.json").read_text())
         verdicts = get_judge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
         atomic_write_json(out / "verdicts.json", [
-            {**r, "flagged": v.flagged, "categories": list(v.categories), "max_probability": v.max_probability}
-            for r, v in zip(rows, verdicts)])
-        return {"harmful_score": harmful_score(verdicts), "n": len(verdicts)}
+            {**r, "flagged": v.flagged, "empty": v.empty, "categories": list(v.categories),
+             "max_probability": v.max_probability} for r, v in zip(rows, verdicts)])
+        return {"harmful_score": harmful_score(verdicts), "empty": empty_share(verdicts), "n": len(verdicts)}
 
     return run.stage(f"judge/{judge_name}/{generations.stage.removeprefix('generations/')}", config, build,
                      inputs={"generations": generations, **judge_inputs})
 
 
 def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> list[dict]:
-    """One record per enabled judge: ``{method, judge, slice, harmful_score, n, primary}``."""
+    """One record per enabled judge: ``{method, judge, slice, harmful_score, empty, n, primary}`` (``empty``: the
+    share of empty responses, %, reported beside the score so that a silent model never reads as safe)."""
     generations = generations_stage(params, run, model, slice_name)
     name = model.tag if isinstance(model, ModelRef) else model
     records = []
     for judge_name in params.judges.enabled:
         summary = judge_stage(params, run, generations, judge_name).manifest()["summary"]
         records.append({"method": name, "judge": judge_name, "slice": slice_name,
-                        "harmful_score": summary["harmful_score"], "n": summary["n"],
+                        "harmful_score": summary["harmful_score"], "empty": summary["empty"], "n": summary["n"],
                         "primary": judge_name == params.judges.primary})
     return records
 

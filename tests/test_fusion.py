@@ -126,7 +126,19 @@ def test_consensus_ta_and_ties_by_hand():
     close(merge_tensors("consensus_ta", [t1, t2], lam=1.0, k=0, lambda_t=0.5),
           merge_tensors("task_arithmetic", [t1, t2], lam=1.0))
     # TIES (density 1) = [1, 3, 2, 0.1]; m2 at entry 2: |−2| > 0.5·|2 − (−2)| = 2 is false (strict, as TALL)
-    close(merge_tensors("consensus_ties", [t1, t2], density=1.0, lam=1.0, k=2, lambda_t=0.5), [1.0, 0.0, 0.0, 0.0])
+    close(merge_tensors("consensus_ties", [t1, t2], density=1.0, lam=1.0, k=2, lambda_t=0.5, disjoint="mean"),
+          [1.0, 0.0, 0.0, 0.0])
+    # the default disjoint step is the TALL code's dis-sum: TIES-sum = [2, 3, ·, 0.1], entry 0 kept by both masks
+    close(merge_tensors("consensus_ties", [t1, t2], density=1.0, lam=1.0, k=2, lambda_t=0.5), [2.0, 0.0, 0.0, 0.0])
+
+
+def test_consensus_ties_defaults_to_the_cited_dis_sum():
+    from nlsr_lib.config import FusionConfig
+    from nlsr_lib.fusion.operators import method_params, param_default
+
+    assert param_default("consensus_ties", "disjoint") == "sum"
+    assert method_params(FusionConfig(), "consensus_ties")["disjoint"] == "sum"
+    assert method_params(FusionConfig(), "ties")["disjoint"] == "mean"  # TIES keeps its paper's disjoint mean
 
 
 def test_operator_errors_name_the_problem():

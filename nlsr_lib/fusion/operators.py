@@ -256,11 +256,13 @@ def consensus_ta(taus: Sequence[torch.Tensor], lam: float = 0.3, k: int = 2,
 
 
 @register_merge("consensus_ties", trims=True)
-def consensus_ties(taus: Sequence[torch.Tensor], density: float = 0.2, lam: float = 1.0, disjoint: str = "mean",
+def consensus_ties(taus: Sequence[torch.Tensor], density: float = 0.2, lam: float = 1.0, disjoint: str = "sum",
                    k: int = 2, lambda_t: float | Sequence[float] = 0.6,
                    thresholds: Sequence[float | None] | None = None) -> torch.Tensor:
     """Consensus TIES (arXiv 2405.07813): ``Δ = λ · 1[Σ_t m_t ≥ k] ⊙ τ_TIES`` with TALL masks against the unscaled
-    TIES merge ``τ_TIES`` and the untrimmed task vectors (as the TALL code)."""
+    TIES merge ``τ_TIES`` and the untrimmed task vectors (as the TALL code). The disjoint step defaults to the
+    TALL code's dis-sum (spec/merging.md §4, "use_ties"), unlike plain TIES's disjoint mean
+    (``fusion.consensus_ties_disjoint``)."""
     lam = _scalar(lam, "consensus_ties")
     if thresholds is None:
         thresholds = tensor_thresholds(taus, density)
@@ -328,4 +330,6 @@ def method_params(cfg, method: str) -> dict:
     }
     if method in ("ties", "consensus_ties"):
         common["lam"] = cfg.ties_lambda
+    if method == "consensus_ties":
+        common["disjoint"] = cfg.consensus_ties_disjoint
     return {name: common[name] for name in get_merge(method).params}
