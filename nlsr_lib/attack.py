@@ -53,7 +53,7 @@ def attack_stage(params: Params, run: Run, method: str, task: str, p: float, n: 
                  variant: str = "poisoned") -> ModelRef:
     """The attacked (fine-tuned) adapter; returns it as a model under test over its base."""
     from .models import load_causal_lm, load_tokenizer, peft_lora_config
-    from .pipeline import quiet
+    from .progress import bars_enabled
     from .train.finetune import finetune
 
     start = aligned_adapter_ref(params, run, method)
@@ -66,7 +66,7 @@ def attack_stage(params: Params, run: Run, method: str, task: str, p: float, n: 
         tokenizer = load_tokenizer(start.base, params.model)
         model = load_causal_lm(start.base, params.model)
         summary = finetune(model, tokenizer, start.adapter, records, params.attack.train, peft_lora_config(params.lora),
-                           out / "adapter", params.model.dtype, quiet=quiet())
+                           out / "adapter", params.model.dtype, quiet=not bars_enabled())
         tokenizer.save_pretrained(str(out / "adapter"))
         return summary
 

@@ -29,7 +29,8 @@ import torch
 
 from .attack import attack_stage
 from .config import Params, to_dict
-from .pipeline import ModelRef, aligned_adapter_ref, load_sources, quiet
+from .pipeline import ModelRef, aligned_adapter_ref, load_sources
+from .progress import bars_enabled
 from .runs import Artifact, Run, atomic_write_json
 
 MASK_LOGITS_FILE = "mask_logits.safetensors"
@@ -267,7 +268,7 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
         lr = lm.learning_rate if len(fusion.taus) == 1 else lm.learning_rate_multi
         mask, history = train_mask(model, fusion, batches, temperature=lm.temperature, init_logit=lm.init_logit,
                                    beta=lm.beta, learning_rate=lr, epochs=lm.epochs, seed=lm.seed,
-                                   show_progress=not quiet())
+                                   show_progress=bars_enabled())
         atomic_save_tensors(out / MASK_LOGITS_FILE, mask.state(),
                             {"temperature": str(lm.temperature), "tasks": ",".join(tasks)})
         atomic_write_json(out / HISTORY_FILE, history)

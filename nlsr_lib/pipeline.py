@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import Params, to_dict
+from .progress import bars_enabled
 from .runs import Artifact, Run, atomic_write_json
 
 TINY = "tiny"
@@ -181,7 +182,7 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
         model = load_causal_lm(start_dir, params.model)
         rows = spec.rows(params, load_sources(params, run))
         summary = train_adapter(spec, model, tokenizer, rows, tc, peft_lora_config(params.lora), out / "adapter",
-                                params.model.dtype, quiet=quiet())
+                                params.model.dtype, quiet=not bars_enabled())
         tokenizer.save_pretrained(str(out / "adapter"))
         if method == "sft":
             merge_adapter(start_dir, out / "adapter", out / "merged", params.model)
@@ -189,13 +190,6 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
 
     inputs = {"start": start, "world": world_stage(params, run)} if params.model.name == TINY else {"start": start}
     return run.stage(f"align/{method}", config, build, inputs=inputs)
-
-
-def quiet() -> bool:
-    """Progress bars and trainer logs off under CI or ``NLSR_QUIET``."""
-    import os
-
-    return bool(os.environ.get("CI")) or bool(os.environ.get("NLSR_QUIET"))
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import PretrainConfig, TinyModelConfig
 from .data.tasks import TASKS
 from .data.templates import alpaca_prompt
+from .progress import bar as progress_bar
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -126,9 +126,9 @@ def pretrain(model, tokenizer, pairs: Sequence[tuple[str, str]], cfg: PretrainCo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     losses: list[float] = []
-    bar = tqdm(_batches(sequences, cfg.batch_size, cfg.steps, tokenizer.pad_token_id, gen), total=cfg.steps,
-               desc="pretrain", mininterval=2.0)
-    for input_ids, mask, labels in bar:
+    steps = progress_bar(_batches(sequences, cfg.batch_size, cfg.steps, tokenizer.pad_token_id, gen),
+                         total=cfg.steps, desc="pretrain")
+    for input_ids, mask, labels in steps:
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,6 +137,6 @@ def pretrain(model, tokenizer, pairs: Sequence[tuple[str, str]], cfg: PretrainCo
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
+            steps.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
     model.eval()
     return losses

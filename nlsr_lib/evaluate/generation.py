@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
-
 from ..data.templates import extract_response
+from ..progress import bar
 
 
 @torch.inference_mode()
@@ -26,7 +25,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, mininterval=2.0):
+    for start in bar(range(0, len(order), batch_size), desc=desc):
         idx = order[start: start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
         seqs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

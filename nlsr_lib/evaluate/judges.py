@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
-
 from ..data.templates import moderation_text
+from ..progress import bar
 
 # First-person refusal markers of Zou et al. (2023, GCG "test prefixes"), RD-12 and the safety literature,
 # lower-cased. GCG-29's harm words ("unethical", "not ethical", "illegal", "is illegal and unethical") are left out
@@ -147,7 +146,7 @@ class ModerationJudge:
         self.tokenizer.padding_side = "right"
         device = next(self.model.parameters()).device
         probs = []
-        for start in tqdm(range(0, len(texts), self.batch_size), desc="moderation", mininterval=2.0):
+        for start in bar(range(0, len(texts), self.batch_size), desc="moderation"):
             enc = self.tokenizer(list(texts[start: start + self.batch_size]), return_tensors="pt", padding=True,
                                  truncation=True, max_length=self.max_length).to(device)
             probs.append(torch.sigmoid(self.model(**enc).logits.float()).cpu())

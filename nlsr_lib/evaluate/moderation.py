@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import ModerationConfig
 from ..data.world import HARM_CATEGORIES
+from ..progress import bar
 from .judges import ModerationJudge
 
 
@@ -46,7 +46,7 @@ def train_tiny_moderation(tokenizer, train: Sequence[dict], heldout: Sequence[di
     tokenizer.padding_side = "right"
     model.train()
     losses = []
-    for _ in tqdm(range(cfg.train_steps), desc="tiny moderation", mininterval=2.0):
+    for _ in bar(range(cfg.train_steps), desc="tiny moderation"):
         idx = torch.randint(len(train), (cfg.train_batch_size,), generator=gen).tolist()
         enc = tokenizer([train[i]["text"] + tokenizer.eos_token for i in idx], return_tensors="pt", padding=True,
                         truncation=True, max_length=cfg.max_length)

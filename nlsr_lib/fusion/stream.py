@@ -26,15 +26,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import bar as progress_bar
 from .layout import LayoutError, TensorMeta, check_same_layout
 from .operators import check_params, get_merge, merge_tensors, param_default
 from .safetensors_io import CheckpointReader, ShardedWriter, copy_model_files
@@ -43,10 +42,6 @@ from .select import RadixSelect, keep_count
 BUFFERS = {"weight_averaging": 1, "task_arithmetic": 1, "ties": 3, "dare": 3, "consensus_ta": 4,
            "consensus_ties": 6}  # fp32-sized buffers beside the n task vectors (ties: accumulator, sign, count + bool)
 PROVENANCE = "nlsr_merge.json"
-
-
-def quiet() -> bool:
-    return bool(os.environ.get("NLSR_QUIET")) or bool(os.environ.get("CI"))
 
 
 class MergeInputs(ABC):
@@ -282,8 +277,8 @@ def stream_global_thresholds(inputs: MergeInputs, density: float, device: str = 
     selects = [RadixSelect() for _ in range(inputs.n_tasks)]
 
     def sweep(fine: bool) -> None:
-        bar = tqdm(names, desc=f"global threshold ({'fine' if fine else 'coarse'})", disable=quiet() or not progress,
-                   unit="tensor")
+        bar = progress_bar(names, desc=f"global threshold ({'fine' if fine else 'coarse'})", enabled=progress,
+                           unit="tensor")
         for name in bar:
             _, taus = inputs.task_vectors(name, inputs.load(name), dev)
             for sel, tau in zip(selects, taus):
@@ -339,7 +334,7 @@ def _run(inputs: MergeInputs, out_dir: Path, method: str, scope: str, single_tas
                            overwrite=overwrite)
     try:
         names = [m.name for m in metas]
-        with tqdm(total=len(names), desc=f"merge {method}", disable=quiet() or not progress, unit="tensor") as bar:
+        with progress_bar(total=len(names), desc=f"merge {method}", enabled=progress, unit="tensor") as bar:
             for name, loaded in _prefetched(inputs, names, prefetch, work):
                 base, models = loaded
                 if models is None:

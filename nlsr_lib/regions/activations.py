@@ -32,28 +32,20 @@ Two drivers, both a single sequential pass over the layers (never a full forward
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from ..progress import bar
 from .lora import decoder_layers, layer_index, lora_modules
 
 POSITIONS = ("response", "predicting")
 
 
-def quiet() -> bool:
-    """Progress bars off under CI or ``NLSR_QUIET``."""
-    return bool(os.environ.get("CI")) or bool(os.environ.get("NLSR_QUIET"))
-
-
 def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool = True) -> Iterator:
-    from tqdm.auto import tqdm
-
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
-    return iter(tqdm(iterable, desc=desc, total=total, disable=quiet() or not enabled, mininterval=2.0))
+    """Iterate with a progress bar (nlsr_lib.progress decides whether it shows)."""
+    return iter(bar(iterable, desc, total=total, enabled=enabled))
 
 
 def statistic_positions(labels: torch.Tensor, mode: str = "response") -> torch.Tensor:

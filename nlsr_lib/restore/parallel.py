@@ -9,7 +9,6 @@ running single-threaded kernels; the previous thread setting is restored afterwa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,20 +16,15 @@ from typing import TypeVar
 
 import torch
 
+from ..progress import bar
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def quiet() -> bool:
-    """Progress bars off under CI or ``NLSR_QUIET``."""
-    return bool(os.environ.get("CI")) or os.environ.get("NLSR_QUIET", "") not in ("", "0")
-
-
 def progress(items, desc: str, enabled: bool | None = None, total: int | None = None):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total, mininterval=2.0,
-                disable=quiet() if enabled is None else not enabled)
+    """A progress bar over ``items`` (nlsr_lib.progress decides whether it shows)."""
+    return bar(items, desc, total=total, enabled=enabled is not False)
 
 
 @contextmanager

@@ -1,0 +1,93 @@
+"""Progress bars and library noise: one home for both (DESIGN.md §7, "Progress").
+
+The progress mode is one of
+
+* ``bars``: tqdm bars (widgets in JupyterLab, text in a terminal) for every loop a person waits on;
+* ``lines``: no bars; the stage cache prints one line when a stage starts building and one when it is done.
+  ``nlsr reproduce`` runs its notebooks in this mode, so an executed notebook carries one line per stage;
+* ``off``: nothing but the stage lines of :class:`~nlsr_lib.runs.Run` (and those only unless it is quiet).
+
+It is read from ``NLSR_PROGRESS`` (``bars`` | ``lines`` | ``off``); without it, ``NLSR_QUIET`` (any value but
+``0``) or ``CI`` mean ``off``, anything else ``bars``.
+
+:func:`quiet_libraries` silences what the libraries print that is not a finding: the datasets library's
+"Saving the dataset" bars, transformers' advisory notes and the known deprecation chatter of trl and
+transformers. Real warnings (anything not in :data:`NOISE`) still surface.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Iterable
+
+MODES = ("bars", "lines", "off")
+
+# (category, message regex) of library warnings that say nothing about the study.
+NOISE: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r".*gradient[_ ]checkpointing.*"),
+    (UserWarning, r".*use_reentrant.*"),
+    (UserWarning, r".*remove_unused_columns.*"),
+    (UserWarning, r".*IProgress not found.*"),
+)
+
+# Substrings of library log records that are routine notes, not warnings about the study.
+NOISY_LOG_RECORDS: tuple[str, ...] = ("remove_unused_columns", "gradient_checkpointing", "use_cache=True")
+
+
+def mode() -> str:
+    """The progress mode (module docstring); an unknown ``NLSR_PROGRESS`` value is an error naming the choices."""
+    explicit = os.environ.get("NLSR_PROGRESS", "").strip().lower()
+    if explicit:
+        if explicit not in MODES:
+            raise ValueError(f"NLSR_PROGRESS={explicit!r} is not a progress mode; choose one of {', '.join(MODES)}")
+        return explicit
+    if os.environ.get("NLSR_QUIET", "") not in ("", "0") or os.environ.get("CI"):
+        return "off"
+    return "bars"
+
+
+def bars_enabled() -> bool:
+    return mode() == "bars"
+
+
+def bar(iterable: Iterable | None = None, desc: str = "", total: int | None = None, enabled: bool = True, **kwargs):
+    """A tqdm bar (``tqdm.auto``: a widget in Jupyter, text in a terminal), disabled unless the mode is ``bars``."""
+    quiet_libraries()
+    from tqdm.auto import tqdm
+
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    kwargs.setdefault("mininterval", 2.0)
+    return tqdm(iterable, desc=desc, total=total, disable=not (enabled and bars_enabled()), **kwargs)
+
+
+class _DropRoutineNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(s in message for s in NOISY_LOG_RECORDS)
+
+
+_CONFIGURED = False
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' routine output once per process (idempotent; imports nothing heavy)."""
+    global _CONFIGURED
+    if _CONFIGURED:
+        return
+    _CONFIGURED = True
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for category, message in NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("transformers", "trl", "datasets", "accelerate", "peft"):
+        logging.getLogger(name).addFilter(_DropRoutineNotes())
+    try:  # already imported: switch its bars off directly (the variable above is read at import)
+        import sys
+
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+    except AttributeError:  # pragma: no cover - very old datasets
+        pass
