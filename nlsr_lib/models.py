@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,14 +43,26 @@ def load_tokenizer(path_or_id: str | Path, cfg: ModelConfig | None = None):
     return tok
 
 
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` (a file or directory) and the key of the first tensor holding NaN or
+    inf. One reduction per floating tensor, on its own device; tensors without storage (``meta``) are skipped."""
+    for key, tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta" \
+                and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: tensor {key} contains NaN or inf values")
+
+
 def load_causal_lm(path_or_id: str | Path, cfg: ModelConfig):
-    """A causal LM from a hub id or local directory, in ``cfg.dtype`` and eval mode."""
+    """A causal LM from a hub id or local directory, in ``cfg.dtype`` and eval mode; NaN/inf weights are refused
+    (:func:`check_finite`, naming the parameter)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(path_or_id), dtype=DTYPES[cfg.dtype], device_map=resolve_device_map(cfg.device_map),
         trust_remote_code=cfg.trust_remote_code,
     )
+    with torch.no_grad():
+        check_finite(model.named_parameters(), f"model {path_or_id}")
     return model.eval()
 
 
@@ -62,13 +74,17 @@ def peft_lora_config(cfg: LoraConfig):
 
 
 def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path | None, cfg: ModelConfig):
-    """Base model (W_sft or the raw base) with an adapter on top as a PeftModel (not merged), eval mode."""
+    """Base model (W_sft or the raw base) with an adapter on top as a PeftModel (not merged), eval mode; NaN/inf
+    weights in either are refused, naming the tensor (the adapter's by its key in the adapter file)."""
     model = load_causal_lm(base_dir, cfg)
     if adapter_dir is None:
         return model
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
 
-    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    with torch.no_grad():
+        check_finite(get_peft_model_state_dict(model).items(), f"adapter {adapter_dir}")
+    return model
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, cfg: ModelConfig) -> None:
@@ -86,9 +102,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory: {ADAPTER_WEIGHTS} is missing")
     state = load_file(str(weights))
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    for key, tensor in state.items():
-        if tensor.numel() and not torch.isfinite(tensor.abs().amax()):  # amax propagates NaN and inf
-            raise ValueError(f"adapter {adapter_dir}: tensor {key} contains NaN or inf values")
+    check_finite(state.items(), f"adapter {adapter_dir}")
     return state, config
 
 

@@ -8,7 +8,8 @@ What each defence is given (DESIGN.md §4: every adapter lives in the aligned Lo
   plain aligned adapter with ``reference="plain"``) and its ``low_rank`` mask (or another scorer's);
 * ``random_mask``: the same reference, and a seeded random mask with the scorer mask's count per tensor;
 * ``safelora`` / ``resta`` / ``aligned_adapter``: the aligned adapter (SafeLoRA's aligned subspace, RESTA's safety
-  vector, the adapter re-applied wholesale);
+  vector, the adapter re-applied wholesale); with ``restore.safelora.masked: true`` SafeLoRA is also given the
+  mask NLSR uses (that of NLSR's safety reference), which becomes an input of the stage;
 * ``none``: the attacked adapter itself;
 * ``safelora_delta`` (a variant, :data:`DEFENCE_VARIANTS`): SafeLoRA projecting only what fine-tuning added to
   the aligned adapter (``safelora.update: finetuning_delta``); the spec's SafeLoRA projects the whole attacked
@@ -72,6 +73,11 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
         ref, mask_file = aligned_adapter_ref(params, run, method), None
         inputs["reference"] = ref.artifact
     kwargs = {**defence_params(params.restore, defence), **(overrides or {})}
+    if defence == "safelora" and kwargs.get("masked"):  # masked: false keeps the config and inputs as they were
+        mask = mask_stage(params, run, reference_for(params, run, method, reference), scorer, mask_sparsity,
+                          tag_suffix=mask_suffix)
+        inputs["mask"] = mask
+        mask_file = mask.path / MASK_FILE
     config = {"defence": defence, "method": method, "reference": ref.tag, "scorer": scorer if mask_file else None,
               "mask_sparsity": mask_sparsity, "params": kwargs}  # kwargs: every restore setting the defence reads
 

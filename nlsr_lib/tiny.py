@@ -24,6 +24,7 @@ from .config import PretrainConfig, TinyModelConfig
 from .data.tasks import TASKS
 from .data.templates import alpaca_prompt
 from .progress import bar as progress_bar
+from .train.guards import check_finite_loss
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -130,6 +131,7 @@ def pretrain(model, tokenizer, pairs: Sequence[tuple[str, str]], cfg: PretrainCo
                          total=cfg.steps, desc="pretrain")
     for input_ids, mask, labels in steps:
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        check_finite_loss(loss, "tiny pretraining", len(losses) + 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

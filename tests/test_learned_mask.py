@@ -222,3 +222,36 @@ def test_permuted_control_keeps_counts_not_positions():
     assert float(control["a"].sum()) == float(mask["a"].sum()) and not torch.equal(control["a"], mask["a"])
     assert torch.equal(control["b"].flatten().sort().values, mask["b"].flatten().sort().values)
     assert all(torch.equal(control[k], permuted_mask(mask, seed=1)[k]) for k in mask)  # seeded
+
+
+@pytest.mark.parametrize("method", ["ties", "consensus_ties"])
+def test_trimming_merges_at_tensor_scope_train_with_finite_gradients(method, peft_model):
+    """The trim threshold is a constant w.r.t. the logits: at scope ``tensor`` it is computed on detached values
+    (it used to call ``numpy()`` on a tensor that requires grad), and the gradient reaches every logit tensor."""
+    aligned = _state(0)
+    taus = [{k: v - aligned[k] for k, v in _state(s).items()} for s in (1, 2, 3)]
+    params = {"k": 1} if method.startswith("consensus") else {}
+    fusion = Fusion(aligned, taus, merge=method, merge_params=params, scope="tensor")
+    mask = ConcreteMask({k: v.shape for k, v in aligned.items()})
+    weights = _state(9)
+    state = fusion.state(mask.relaxed(torch.Generator().manual_seed(0)))
+    sum((state[k] * weights[k]).sum() for k in state).backward()
+    for key, logits in mask.items():
+        assert logits.grad is not None and bool(torch.isfinite(logits.grad).all()), (method, key)
+        assert float(logits.grad.abs().sum()) > 0, (method, key)
+    # ... and the DPO training loop runs end to end with finite losses
+    base = _fusion(peft_model, 2)
+    trained = Fusion(base.aligned, base.taus, merge=method, merge_params=params, scope="tensor")
+    mask, history = train_mask(peft_model, trained, [_pref_batch(1)], learning_rate=0.05, epochs=2,
+                               show_progress=False)
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+    assert all(bool(torch.isfinite(lg).all()) for lg in mask.logits)
+    assert any(float(lg.detach().abs().max()) > 0 for lg in mask.logits)
+
+
+def test_training_stops_on_a_non_finite_loss(peft_model):
+    """No silent NaN: a NaN DPO loss (here from β = NaN) stops the mask training with a named error."""
+    fusion = _fusion(peft_model)
+    with pytest.raises(FloatingPointError, match=r"learned mask: non-finite training loss nan at step 1"):
+        train_mask(peft_model, fusion, [_pref_batch(1)], beta=float("nan"), epochs=2, show_progress=False)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())  # flags restored

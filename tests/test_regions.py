@@ -210,6 +210,27 @@ def test_randomized_svd_is_seeded_and_close_to_exact():
     torch.testing.assert_close(g1 @ g1.T, ge @ ge.T, atol=1e-3, rtol=0)
 
 
+def test_randomized_svd_gives_the_exact_eigenvalues_and_subspace():
+    """``svd: randomized`` == ``svd: exact`` up to approximation, eigenvalues included, on every path: a Gram
+    (the A matrices), ``W Σ Wᵀ`` with o ≤ k (formed) and o > k (the factor route). The Gram path used to return
+    the squared eigenvalues (the singular values of a PSD matrix are already its eigenvalues)."""
+    gen = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64)).Q
+    spectrum = torch.tensor([9.0, 4.0, 2.0, 0.05, 0.02, 0.01], dtype=torch.float64)
+    sigma = basis @ torch.diag(spectrum) @ basis.T
+    ge, ve = principal_directions(sigma, 3)
+    torch.testing.assert_close(ve.double(), spectrum[:3], atol=1e-5, rtol=1e-5)
+    gr, vr = principal_directions(sigma, 3, svd="randomized", niter=20, seed=1)
+    torch.testing.assert_close(vr, ve, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gr @ gr.T, ge @ ge.T, atol=1e-4, rtol=0)
+    for o in (4, 12):  # o ≤ k (via principal_directions) and o > k (thin QR / factor route)
+        w = torch.randn(o, 6, generator=gen, dtype=torch.float64)
+        de, le = output_directions(w, sigma, 3)
+        dr, lr = output_directions(w, sigma, 3, svd="randomized", niter=20, seed=2)
+        torch.testing.assert_close(lr, le, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dr @ dr.T, de @ de.T, atol=1e-4, rtol=0)
+
+
 def test_gram_directions_equal_those_of_raw_activations(model, batches):
     """ActSVD on stored activations (spec §4.6 step A: V = right singular vectors of Y = X Wᵀ) == the Gram route."""
     name = "base_model.model.model.layers.1.mlp.gate_proj"

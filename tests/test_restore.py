@@ -90,6 +90,26 @@ def test_similarity_invariances():
     assert gram_similarity(a, b, ar, br, torch.zeros_like(ma), mb) == 0.0  # zero update: similarity 0
 
 
+def test_similarity_of_identical_and_opposite_updates_is_clipped_to_one():
+    """The fp32 cosine of ~10⁵-element identical updates rounds above 1 (1.000003 here, 1.000175 at 8B shapes):
+    both paths return a cosine in [−1, 1] and agree."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        a, b = torch.randn(8, 512, generator=g), torch.randn(512, 8, generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            same_sim = explicit_similarity(a, b, a, b, dtype=dtype)
+            assert -1.0 <= same_sim <= 1.0 and same_sim == pytest.approx(1.0, abs=1e-2)
+            opposite = explicit_similarity(a, b, -a, b, dtype=dtype)
+            assert -1.0 <= opposite <= 1.0 and opposite == pytest.approx(-1.0, abs=1e-2)
+        assert gram_similarity(a, b, a, b) <= 1.0 and gram_similarity(a, b, -a, b) >= -1.0
+        assert explicit_similarity(a, b, a, b) == pytest.approx(gram_similarity(a, b, a, b), abs=1e-5)
+        assert explicit_similarity(a, b, -a, b) == pytest.approx(gram_similarity(a, b, -a, b), abs=1e-5)
+    nan_a = a.clone()
+    nan_a[0, 0] = float("nan")
+    for fn in (gram_similarity, explicit_similarity):  # the clip does not turn a NaN into ±1
+        assert math.isnan(fn(nan_a, b, a, b))
+
+
 # --------------------------------------------------------------------------------------------- properties
 @settings(max_examples=40, deadline=None)
 @given(r=st.integers(1, 5), d_out=st.integers(1, 9), d_in=st.integers(1, 9), density=st.floats(0.0, 1.0),
@@ -314,6 +334,74 @@ def test_safelora_delta_defence_doubles_the_rank_and_refuses_the_code_variant():
     with pytest.raises(ParamsError, match="restore.safelora.update"):
         load_params(REPO / "params" / "tiny.yaml", {"restore.safelora.variant": "nlsr_code",
                                                     "restore.safelora.update": "finetuning_delta"})
+
+
+def test_masked_safelora_uses_the_mask_and_refuses_to_run_without_one():
+    ft, ref = Adapter(make_state(0), CONFIG), Adapter(make_state(1), CONFIG)
+    mask = make_mask(ft.state, 0.5)
+    plain, _ = defend_adapter("safelora", ft, ref, mask, masked=False, tau=1.5)
+    masked_out, _ = defend_adapter("safelora", ft, ref, mask, masked=True, tau=1.5)
+    expected, _ = safelora_state(ft.state, ref.state, mask, reference_scaling=ref.scaling, tau=1.5)
+    assert same(masked_out.state, expected) and not same(masked_out.state, plain.state)
+    for update in ("adapter", "finetuning_delta"):
+        with pytest.raises(RestoreError, match="masked=True.*needs a mask"):
+            defend_adapter("safelora", ft, ref, None, masked=True, update=update)
+
+
+def test_defence_stage_gives_safelora_the_nlsr_mask_only_when_masked(tmp_path, monkeypatch):
+    """``restore.safelora.masked: true`` used to be ignored by the defence stage (no mask was passed). With it the
+    mask of NLSR's safety reference is an input and reaches SafeLoRA; ``masked: false`` keeps the stage's config
+    and inputs exactly as before (a warm cache stays valid)."""
+    from nlsr_lib import restoration, safety_regions
+    from nlsr_lib.pipeline import ModelRef
+    from nlsr_lib.runs import Artifact, Run
+
+    ft, ref = make_state(0), make_state(1)
+    write_adapter(tmp_path / "ft", ft, CONFIG)
+    write_adapter(tmp_path / "ref", ref, CONFIG)
+    mask = make_mask(ft, 0.5)
+    (tmp_path / "mask").mkdir()
+    from safetensors.torch import save_file
+    save_file(mask, str(tmp_path / "mask" / safety_regions.MASK_FILE))
+
+    def artifact(name):
+        return Artifact(name, tmp_path / name, f"fp-{name}", cached=True)
+
+    attacked = ModelRef("attack/dpo/sst2", "base", str(tmp_path / "ft"), artifact("ft"))
+    aligned = ModelRef("dpo", "base", str(tmp_path / "ref"), artifact("ref"))
+    expo_ref = ModelRef("expo/dpo", "base", str(tmp_path / "expo"), artifact("expo"))
+    mask_refs = []
+    monkeypatch.setattr(restoration, "aligned_adapter_ref", lambda params, run, method: aligned)
+    monkeypatch.setattr(restoration, "reference_for", lambda params, run, method, reference="expo": expo_ref)
+    monkeypatch.setattr(safety_regions, "mask_stage",
+                        lambda params, run, r, scorer, sparsity=None, tag_suffix="": mask_refs.append(r)
+                        or artifact("mask"))
+    run = Run("tiny", root=tmp_path / "runs", quiet=True)
+    seen = {}
+    real_stage = run.stage
+
+    def stage(tag, config, build, inputs=None):
+        seen[config["params"]["masked"]] = (config, dict(inputs))
+        return real_stage(tag, config, build, inputs=inputs)
+
+    monkeypatch.setattr(run, "stage", stage)
+    params = load_params(REPO / "params" / "tiny.yaml")
+    out = {}
+    for masked in (False, True):
+        defended = restoration.defence_stage(params, run, attacked, "dpo", "safelora",
+                                             overrides={"masked": masked, "tau": 1.5}, tag_suffix=f"-{masked}")
+        out[masked] = read_adapter(defended.adapter)[0]
+    config, inputs = seen[False]
+    assert config == {"defence": "safelora", "method": "dpo", "reference": "dpo", "scorer": None,
+                      "mask_sparsity": None, "params": config["params"]}
+    assert list(inputs) == ["attacked", "reference"]
+    config, inputs = seen[True]
+    assert config["scorer"] == "low_rank" and inputs["mask"].fingerprint == "fp-mask" and mask_refs == [expo_ref]
+    with_mask, _ = safelora_state(ft, ref, mask, reference_scaling=lora_scaling(CONFIG), tau=1.5,
+                                  **{k: v for k, v in config["params"].items() if k in ("variant", "projection")})
+    without, _ = safelora_state(ft, ref, None, reference_scaling=lora_scaling(CONFIG), tau=1.5,
+                                **{k: v for k, v in config["params"].items() if k in ("variant", "projection")})
+    assert same(out[True], with_mask) and same(out[False], without) and not same(out[True], out[False])
 
 
 def test_defence_registry_properties():

@@ -97,6 +97,45 @@ def test_nan_adapters_are_refused(tmp_path):
         read_adapter(tmp_path)
 
 
+def test_non_finite_models_and_adapters_are_refused_at_load_by_name(tok, tmp_path):
+    """An adapter with NaN weights used to be evaluated (empty generations); the loaders refuse it, naming the
+    state-dict key and the directory, and so does generation (``pipeline.generate_for``)."""
+    import re
+
+    from peft import get_peft_model
+
+    from nlsr_lib.models import load_causal_lm, load_with_adapter
+    from nlsr_lib.pipeline import ModelRef, generate_for
+
+    cfg = ModelConfig(device_map="cpu")
+    model = _tiny_model(tok)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, peft_lora_config(LoraConfig(r=2, alpha=4)))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    state, config = read_adapter(tmp_path / "adapter")
+    load_with_adapter(tmp_path / "base", tmp_path / "adapter", cfg)  # finite: loads
+    key = next(k for k in state if k.endswith("v_proj.lora_B.weight"))
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    write_adapter(tmp_path / "nan_adapter", state, config)
+    pattern = rf"{re.escape(str(tmp_path / 'nan_adapter'))}: tensor {re.escape(key)} contains NaN or inf"
+    with pytest.raises(ValueError, match=pattern):
+        load_with_adapter(tmp_path / "base", tmp_path / "nan_adapter", cfg)
+    params = type("P", (), {"model": cfg, "generation": type("G", (), {"batch_size": 2})()})()
+    ref = ModelRef("nan", str(tmp_path / "base"), str(tmp_path / "nan_adapter"), None)
+    with pytest.raises(ValueError, match=pattern):
+        generate_for(params, ref, [alpaca_prompt("Hi")], 4, "test")
+
+    bad = _tiny_model(tok)
+    with torch.no_grad():
+        bad.model.layers[0].mlp.up_proj.weight[1, 2] = float("inf")
+    bad.save_pretrained(tmp_path / "inf_base")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'inf_base'))}: tensor "
+                                         r"model\.layers\.0\.mlp\.up_proj\.weight contains NaN or inf"):
+        load_causal_lm(tmp_path / "inf_base", cfg)
+
+
 def test_missing_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
         read_adapter(tmp_path)

@@ -17,6 +17,7 @@ import torch
 from ..config import ModerationConfig
 from ..data.world import HARM_CATEGORIES
 from ..progress import bar
+from ..train.guards import check_finite_loss
 from .judges import ModerationJudge
 
 
@@ -52,6 +53,7 @@ def train_tiny_moderation(tokenizer, train: Sequence[dict], heldout: Sequence[di
                         truncation=True, max_length=cfg.max_length)
         labels = torch.tensor([train[i]["labels"] for i in idx], dtype=torch.float32)
         loss = model(**enc, labels=labels).loss
+        check_finite_loss(loss, "tiny moderation", len(losses) + 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

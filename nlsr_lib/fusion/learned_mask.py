@@ -189,6 +189,7 @@ def train_mask(model, fusion: Fusion, batches: Sequence[Mapping[str, torch.Tenso
     no warmup (somf §2.5, §2.7). ``model`` is the base with the aligned adapter as a ``peft.PeftModel``; its LoRA
     weights are substituted functionally at every step, never written. Returns the mask and a per-step history."""
     from ..regions.activations import input_device, progress
+    from ..train.guards import check_finite_loss
 
     if not batches:
         raise ValueError("learned mask: no preference batches to train on")
@@ -230,6 +231,7 @@ def train_mask(model, fusion: Fusion, batches: Sequence[Mapping[str, torch.Tenso
             policy = _pair_logps(model, overrides(fusion.state(mask.relaxed(generator))), batch)
             margin = (policy[:n] - ref[:n]) - (policy[n:] - ref[n:])
             loss = -F.logsigmoid(beta * margin).mean()
+            check_finite_loss(loss, "learned mask", step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -39,7 +39,7 @@ def kth_largest(values: torch.Tensor, k: int, *, overwrite: bool = False) -> flo
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    flat = values.reshape(-1)
+    flat = values.detach().reshape(-1)  # a value, never differentiated (trim masks are constants)
     if flat.device.type == "cpu":
         arr = flat.numpy() if overwrite and flat.is_contiguous() else flat.numpy().copy()
         arr.partition(n - k)
@@ -50,13 +50,14 @@ def kth_largest(values: torch.Tensor, k: int, *, overwrite: bool = False) -> flo
 def magnitude_threshold(tau: torch.Tensor, density: float) -> float | None:
     """The TIES trimming threshold of one tensor: the ``⌊density·D⌋``-th largest ``|τ|``.
 
-    ``None`` means keep everything (density 1); ``inf`` means keep nothing (fewer than one entry)."""
+    ``None`` means keep everything (density 1); ``inf`` means keep nothing (fewer than one entry). The threshold
+    is a constant w.r.t. anything ``tau`` depends on (the learned mask's logits): it is computed on ``tau.detach()``."""
     m = keep_count(tau.numel(), density)
     if m >= tau.numel():
         return None
     if m == 0:
         return math.inf
-    return kth_largest(tau.abs(), m, overwrite=True)
+    return kth_largest(tau.detach().abs(), m, overwrite=True)
 
 
 class RadixSelect:

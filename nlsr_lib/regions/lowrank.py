@@ -55,13 +55,16 @@ def _math_device(t: torch.Tensor) -> torch.device:
     return t.device if t.device.type == "cuda" else torch.device("cpu")
 
 
-def _randomized(factor: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-q left singular vectors of ``factor`` (= top eigenvectors of ``F Fᵀ``) by ``torch.svd_lowrank``."""
-    devices = [factor.device] if factor.device.type == "cuda" else []
+def _randomized(matrix: torch.Tensor, q: int, niter: int, seed: int, *,
+                is_factor: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-q left singular vectors and eigenvalues by ``torch.svd_lowrank``. ``is_factor``: ``matrix`` is a factor
+    ``F`` of the PSD matrix ``F Fᵀ`` (eigenvalues = squared singular values); else it is the symmetric PSD matrix
+    itself (eigenvalues = its singular values, left singular vectors = eigenvectors)."""
+    devices = [matrix.device] if matrix.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        u, s, _ = torch.svd_lowrank(factor, q=q, niter=niter)
-    return u[:, :q], s[:q].square()
+        u, s, _ = torch.svd_lowrank(matrix, q=q, niter=niter)
+    return u[:, :q], s[:q].square() if is_factor else s[:q]
 
 
 def principal_directions(gram: torch.Tensor, q: int, *, svd: str = "exact", niter: int = 20,
@@ -75,7 +78,7 @@ def principal_directions(gram: torch.Tensor, q: int, *, svd: str = "exact", nite
     if q == 0:
         return torch.zeros(g.shape[0], 0), torch.zeros(0)
     if svd == "randomized":
-        vecs, vals = _randomized(g, q, niter, seed)
+        vecs, vals = _randomized(g, q, niter, seed, is_factor=False)
     else:
         vals, vecs = torch.linalg.eigh(g)
         vals, vecs = vals.flip(0)[:q], vecs.flip(1)[:, :q]
@@ -100,7 +103,7 @@ def output_directions(weight: torch.Tensor, input_gram: torch.Tensor, q: int, *,
     if svd == "randomized":
         evals, evecs = torch.linalg.eigh(sigma)
         factor = w @ (evecs * evals.clamp_min(0).sqrt())  # F Fᵀ = W Σ Wᵀ
-        vecs, vals = _randomized(factor, q, niter, seed)
+        vecs, vals = _randomized(factor, q, niter, seed, is_factor=True)
         return vecs.float().cpu(), vals.float().cpu()
     qmat, rmat = torch.linalg.qr(w)  # o × k, k × k
     small = rmat @ sigma @ rmat.T

@@ -137,6 +137,9 @@ def safelora_defence(finetuned: Adapter, reference: Adapter, mask=None, *, maske
     params: tau, variant, projection. The mask is used only with ``masked=True`` (the code's mask_scale).
     ``update="finetuning_delta"`` projects only what fine-tuning added (:func:`.baselines.safelora_delta_state`),
     written as a rank-2r adapter."""
+    if masked and mask is None:
+        raise RestoreError("SafeLoRA with masked=True (restore.safelora.masked) needs a mask (the NLSR mask of the "
+                           "safety reference); none was given")
     mask = mask if masked else None
     if update == "finetuning_delta":
         if params.get("variant", "published") != "published":

@@ -50,7 +50,10 @@ def frobenius_inner(b1: Tensor, a1: Tensor, b2: Tensor, a2: Tensor) -> float:
 def cosine(inner: float, sq_norm_1: float, sq_norm_2: float) -> float:
     """inner / (‖x‖‖y‖), 0 when either vector is zero, clipped to [-1, 1] against rounding."""
     denom = math.sqrt(max(sq_norm_1, 0.0) * max(sq_norm_2, 0.0))
-    return 0.0 if denom == 0.0 else max(-1.0, min(1.0, inner / denom))
+    if denom == 0.0:
+        return 0.0
+    cos = inner / denom
+    return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))  # min(1.0, nan) would hide a NaN as 1.0
 
 
 @register_similarity("gram")
@@ -67,11 +70,13 @@ def explicit_similarity(a: Tensor, b: Tensor, a_ref: Tensor, b_ref: Tensor,
                         mask_a: Tensor | None = None, mask_b: Tensor | None = None,
                         dtype: torch.dtype = torch.float32) -> float:
     """sim_m of spec §5.2 as the reference code computes it: form both d_out×d_in updates, then the cosine of
-    the flattened vectors (in ``dtype``; the reference code used bf16, this defaults to fp32)."""
+    the flattened vectors (in ``dtype``; the reference code used bf16, this defaults to fp32), clipped to
+    [-1, 1] against rounding (an fp32 cosine of identical large updates can exceed 1), as :func:`cosine`."""
     a0, b0 = masked(a, mask_a).to(dtype), masked(b, mask_b).to(dtype)
     ar0, br0 = masked(a_ref, mask_a).to(dtype), masked(b_ref, mask_b).to(dtype)
     delta, delta_ref = b0 @ a0, br0 @ ar0
-    return float(torch.nn.functional.cosine_similarity(delta.reshape(1, -1), delta_ref.reshape(1, -1)))
+    cos = float(torch.nn.functional.cosine_similarity(delta.reshape(1, -1), delta_ref.reshape(1, -1)))
+    return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))  # a NaN stays visible
 
 
 def get_similarity(name: str) -> Callable[..., float]:

@@ -126,11 +126,14 @@ def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], t
     """
     from datasets import Dataset
 
+    from .guards import finite_loss_callback
+
     trainer_cls, config_cls, method_kwargs = method.trainer()
     work = out_dir.parent / f".{out_dir.name}-trainer"
     args = config_cls(**trainer_arguments(tc, work, dtype, quiet), **method_kwargs(tc))
+    args.logging_nan_inf_filter = False  # log NaN/inf losses as they are, for the check below (logging only)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          peft_config=lora_config)
+                          peft_config=lora_config, callbacks=[finite_loss_callback(f"{method.name} alignment")])
     if quiet:
         from transformers import PrinterCallback
 
