@@ -33,7 +33,7 @@ lint: $(STAMP)  ## notebooks carry no outputs and match their py:percent twins
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_notebooks_clean.py
 
 sync-notebooks: $(STAMP)  ## regenerate each .ipynb from its py:percent twin (outputs stripped)
-	$(VENV)/bin/jupytext --to ipynb --update-metadata '{"jupytext": {"formats": "ipynb,py:percent"}}' notebooks/*.py
+	$(VENV)/bin/jupytext --update --to ipynb --update-metadata '{"jupytext": {"formats": "ipynb,py:percent"}}' notebooks/*.py
 
 bench: $(STAMP)  ## install the `bench` extra (mergekit, --no-deps: the pins stay) and run every benchmark
 	$(PY) -m pip install -q --no-deps mergekit==0.1.5 immutables==0.21

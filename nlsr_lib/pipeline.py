@@ -323,6 +323,13 @@ def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: 
     return records
 
 
+def primary_safety(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> dict[str, float]:
+    """The primary judge's ``harmful_score`` (%) of ``model`` on a slice of the unsafe prompts, with ``empty``, the
+    share (%) of empty responses, for a table row."""
+    record = next(r for r in harmful_scores(params, run, model, slice_name) if r["primary"])
+    return {"harmful_score": record["harmful_score"], "empty": record["empty"]}
+
+
 def primary_harmful_score(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> float:
     """The primary judge's harmful score (%) of ``model`` on a slice of the unsafe prompts."""
-    return next(r for r in harmful_scores(params, run, model, slice_name) if r["primary"])["harmful_score"]
+    return primary_safety(params, run, model, slice_name)["harmful_score"]

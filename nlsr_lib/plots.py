@@ -1,7 +1,9 @@
-"""Every figure of the study, saved deterministically as PNG and PDF (DESIGN.md §4).
+"""Every figure of the study: shown in its notebook cell and saved deterministically as PNG and PDF (DESIGN.md §4).
 
 ``save(fig, name, profile)`` writes ``figures/<profile>/<name>.{png,pdf}`` without timestamps or software
-metadata, so regenerating an unchanged figure gives identical bytes.
+metadata, so regenerating an unchanged figure gives identical bytes, then shows the figure inline when it runs in a
+Jupyter kernel (JupyterLab, papermill, nbconvert) and closes it. The backend is left to matplotlib: the inline
+backend in a kernel, Agg in a headless process.
 """
 
 from __future__ import annotations
@@ -9,14 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from .paths import figures_dir  # noqa: E402
+from .paths import figures_dir
 
 METHOD_ORDER = ("base", "sft", "dpo", "orpo", "kto", "simpo")
 
@@ -26,21 +25,39 @@ def style() -> None:
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "svg.hashsalt": "nlsr", "pdf.fonttype": 42})
 
 
-def save(fig, name: str, profile: str) -> list[Path]:
-    """Write ``name``.png and ``name``.pdf under ``figures/<profile>/``; returns both paths."""
-    out = figures_dir(profile)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None, "Producer": None,
-                                                         "Creator": None})
-    return paths
+def figure_paths(name: str, profile: str) -> list[Path]:
+    """``figures/<profile>/<name>.png`` and ``.pdf``."""
+    return [figures_dir(profile) / f"{name}.{suffix}" for suffix in ("png", "pdf")]
+
+
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill, nbconvert), where figures are shown inline."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipykernel
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def save(fig, name: str, profile: str) -> None:
+    """Write ``name``.png and ``name``.pdf under ``figures/<profile>/``, show the figure in the running notebook
+    cell (an ``image/png`` output) and close it, so each figure appears exactly once."""
+    png, pdf = figure_paths(name, profile)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None, "Producer": None,
+                                                    "Creator": None})
+    if in_kernel():
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
 
 
 def check_saved(names: Sequence[str], profile: str) -> None:
     """Every named figure exists as PNG and PDF under ``figures/<profile>/`` (a notebook's closing check)."""
-    missing = [f"{n}.{suffix}" for n in names for suffix in ("png", "pdf")
-               if not (figures_dir(profile) / f"{n}.{suffix}").is_file()]
+    missing = [path.name for n in names for path in figure_paths(n, profile) if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"figures missing under {figures_dir(profile)}: {', '.join(missing)}")
 
@@ -63,21 +80,29 @@ def harmful_score_by_method(table: pd.DataFrame, title: str, order: Sequence[str
 
 
 def attack_by_ratio(table: pd.DataFrame, title: str):
-    """Harmful score and task accuracy (lenient, strict dashed) vs poison ratio, one colour per task."""
+    """Harmful score (left) and task accuracy (right) vs poison ratio, one colour per task. Accuracy is drawn twice:
+    the paper's rule as large hollow circles, the strict rule as small filled squares on top, so both stay visible
+    where they coincide; the legend sits below the panels, off the lines near 100 %."""
     style()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4))
     palette = dict(zip(sorted(set(table["task"])), sns.color_palette("colorblind")))
     for task, rows in table.sort_values("poison_ratio").groupby("task"):
-        left.plot(rows["poison_ratio"], rows["harmful_score"], "o-", color=palette[task], label=task)
-        right.plot(rows["poison_ratio"], rows["accuracy"], "o-", color=palette[task], label=f"{task} (paper rule)")
-        right.plot(rows["poison_ratio"], rows["accuracy_strict"], "s--", color=palette[task], alpha=0.7,
-                   label=f"{task} (strict)")
+        color = palette[task]
+        left.plot(rows["poison_ratio"], rows["harmful_score"], "o-", color=color, label=task)
+        right.plot(rows["poison_ratio"], rows["accuracy"], "o-", color=color, markersize=9, markerfacecolor="none",
+                   markeredgewidth=1.5, zorder=2)
+        right.plot(rows["poison_ratio"], rows["accuracy_strict"], "s--", color=color, markersize=4, zorder=3)
     left.set(xlabel="poison ratio p", ylabel="harmful score (%)  ↓ safer", ylim=(-2, 102), title="safety")
-    right.set(xlabel="poison ratio p", ylabel="task accuracy (%)", ylim=(-2, 102), title="task accuracy")
-    left.legend(title="task")
-    right.legend(fontsize=7, ncol=1)
+    right.set(xlabel="poison ratio p", ylabel="task accuracy (%)  ↑", ylim=(-2, 102), title="task accuracy")
+    task_handles = [plt.Line2D([], [], color=c, marker="o", label=t) for t, c in palette.items()]
+    rule_handles = [plt.Line2D([], [], color="0.3", marker="o", markersize=9, markerfacecolor="none",
+                               label="accuracy, paper rule"),
+                    plt.Line2D([], [], color="0.3", marker="s", markersize=4, linestyle="--",
+                               label="accuracy, strict rule")]
+    fig.legend(handles=task_handles + rule_handles, loc="lower center", ncol=len(task_handles) + 2, fontsize=9,
+               frameon=False, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
@@ -202,15 +227,21 @@ def layer_similarity(records: pd.DataFrame, title: str):
     return fig
 
 
+REFERENCE_STYLES = {"none": ("attacked", "tab:red"), "aligned": ("aligned", "0.35")}
+
+
 def _reference_lines(ax, baselines: pd.DataFrame, metric: str) -> None:
-    """Dashed horizontal lines at the ``aligned`` and ``none`` (attacked) values of ``metric``."""
-    for defence, color in (("aligned", "0.35"), ("none", "tab:red")):
+    """Dashed horizontal lines at the ``aligned`` and ``none`` (attacked) values of ``metric``; they are named in
+    the figure's legend (:func:`_reference_handles`), not beside the panel, so neighbouring panels stay clear."""
+    for defence, (_, color) in REFERENCE_STYLES.items():
         rows = baselines[baselines.defense == defence]
         if len(rows):
-            value = float(rows[metric].iloc[0])
-            ax.axhline(value, color=color, linestyle="--", linewidth=1)
-            ax.annotate("attacked" if defence == "none" else defence, (1.0, value), xycoords=("axes fraction", "data"),
-                        xytext=(2, 0), textcoords="offset points", fontsize=8, color=color, va="center")
+            ax.axhline(float(rows[metric].iloc[0]), color=color, linestyle="--", linewidth=1)
+
+
+def _reference_handles(baselines: pd.DataFrame) -> list:
+    return [plt.Line2D([], [], color=color, linestyle="--", linewidth=1, label=f"{label} model")
+            for defence, (label, color) in REFERENCE_STYLES.items() if (baselines.defense == defence).any()]
 
 
 def ablation_curves(table: pd.DataFrame, baselines: pd.DataFrame, ablations: Sequence[str], title: str):
@@ -234,9 +265,12 @@ def ablation_curves(table: pd.DataFrame, baselines: pd.DataFrame, ablations: Seq
             ax.set_ylabel(label if j == 0 else "")
             if i == 0:
                 ax.set_title(name)
-    axes[0][0].legend(title="defence", fontsize=8)
+    defence_handles = [plt.Line2D([], [], color=palette.get(d, "k"), marker="o", label=d)
+                       for d in dict.fromkeys(table["defense"])]
+    fig.legend(handles=defence_handles + _reference_handles(baselines), loc="lower center", frameon=False,
+               ncol=len(defence_handles) + 2, fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 
@@ -257,8 +291,9 @@ def ablation_bars(table: pd.DataFrame, baselines: pd.DataFrame, ablations: Seque
         ax.set_title(name)
         _reference_lines(ax, baselines, "harmful_score")
     axes[0][0].set_ylabel("harmful score (%) ↓")
+    fig.legend(handles=_reference_handles(baselines), loc="lower center", frameon=False, ncol=2, fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
@@ -274,40 +309,42 @@ def fusion_family(name: str) -> str:
     return next((family for family, names in FUSION_FAMILIES if name in names), "other")
 
 
+FAMILY_MARKERS = {"reference": "s", "operator": "o", "safety region": "^", "learned mask": "D", "other": "P"}
+
+
 def fusion_scatter(table: pd.DataFrame, title: str):
     """Safety vs accuracy of every fusion, one panel per set of fused task adapters: x = harmful score (↓ safer),
-    y = mean task accuracy (↑); one marker per fusion, coloured by family (reference, operator, safety region,
-    learned mask). The best corner is the top left."""
+    y = mean task accuracy (↑, at most 100 %). The marker's shape is the family (reference, operator, safety
+    region, learned mask), its colour the fusion (one distinct colour each). Markers are drawn largest first, so
+    fusions at the same point nest as rings instead of hiding each other. The best corner is the top left."""
     style()
     groups = list(dict.fromkeys(table["inputs"]))
     ncols = min(2, len(groups))
     nrows = -(-len(groups) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 3.0, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 3.2, 4.2 * nrows), squeeze=False)
     names = list(dict.fromkeys(table["fusion"]))
-    family_colors = {"reference": sns.color_palette("Greys", 4)[2:], "operator": sns.color_palette("Blues", 8)[2:],
-                     "safety region": sns.color_palette("Greens", 7)[2:],
-                     "learned mask": ["tab:red", "lightsalmon"]}
-    used = {f: 0 for f in family_colors}
-    style_of = {}
-    for i, name in enumerate(names):
-        family = fusion_family(name)
-        palette = family_colors.get(family, ["k"])
-        style_of[name] = (palette[used.get(family, 0) % len(palette)], "sodvDP^<>hX*p8"[i % 14])
-        used[family] = used.get(family, 0) + 1
+    colors = dict(zip(names, sns.color_palette("tab20", 20) if len(names) > 10 else sns.color_palette("tab10")))
+    for name in ("aligned", "none"):
+        if name in colors:
+            colors[name] = "black" if name == "aligned" else "0.55"
+    sizes = dict(zip(names, [170 - 110 * i / max(1, len(names) - 1) for i in range(len(names))]))
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     for ax, group in zip(axes.flat, groups):
         sub = table[table.inputs == group]
-        for _, row in sub.iterrows():
-            color, marker = style_of[row["fusion"]]
-            ax.scatter(row["harmful_score"], row["accuracy"], color=color, marker=marker, s=60, zorder=3,
-                       edgecolors="k", linewidths=0.4)
+        for z, (_, row) in enumerate(sub.iterrows()):
+            name = row["fusion"]
+            ax.scatter(row["harmful_score"], row["accuracy"], color=colors[name], s=sizes[name], zorder=3 + z,
+                       marker=FAMILY_MARKERS[fusion_family(name)], edgecolors="white", linewidths=0.6)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, min(high, 100.5))
         ax.set_title(f"inputs: {group}")
         ax.set_xlabel("harmful score (%)  ↓ safer")
         ax.set_ylabel("mean task accuracy (%)  ↑")
-    handles = [plt.Line2D([], [], marker=style_of[n][1], color=style_of[n][0], markeredgecolor="k", linestyle="",
-                          label=f"{n}  ({fusion_family(n)})") for n in names]
-    axes[0][-1].legend(handles=handles, title="fusion", bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+    handles = [plt.Line2D([], [], marker=FAMILY_MARKERS[fusion_family(n)], color=colors[n], linestyle="",
+                          markersize=8, label=f"{n}  ({fusion_family(n)})") for n in names]
+    axes[0][-1].legend(handles=handles, title="fusion (shape = family)", bbox_to_anchor=(1.02, 1), loc="upper left",
+                       fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

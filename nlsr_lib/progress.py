@@ -11,14 +11,15 @@ It is read from ``NLSR_PROGRESS`` (``bars`` | ``lines`` | ``off``); without it, 
 ``0``) or ``CI`` mean ``off``, anything else ``bars``.
 
 :func:`quiet_libraries` silences what the libraries print that is not a finding: the datasets library's
-"Saving the dataset" bars, transformers' advisory notes and the known deprecation chatter of trl and
-transformers. Real warnings (anything not in :data:`NOISE`) still surface.
+"Saving the dataset" bars, transformers' advisory notes and the known deprecation chatter of
+:data:`NOISE`. Real warnings (anything else) still surface; notes that a call site can avoid are avoided there
+(e.g. ``remove_unused_columns=False`` for the pairwise trl trainers).
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import warnings
 from typing import Iterable
 
@@ -28,12 +29,8 @@ MODES = ("bars", "lines", "off")
 NOISE: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r".*gradient[_ ]checkpointing.*"),
     (UserWarning, r".*use_reentrant.*"),
-    (UserWarning, r".*remove_unused_columns.*"),
     (UserWarning, r".*IProgress not found.*"),
 )
-
-# Substrings of library log records that are routine notes, not warnings about the study.
-NOISY_LOG_RECORDS: tuple[str, ...] = ("remove_unused_columns", "gradient_checkpointing", "use_cache=True")
 
 
 def mode() -> str:
@@ -54,7 +51,6 @@ def bars_enabled() -> bool:
 
 def bar(iterable: Iterable | None = None, desc: str = "", total: int | None = None, enabled: bool = True, **kwargs):
     """A tqdm bar (``tqdm.auto``: a widget in Jupyter, text in a terminal), disabled unless the mode is ``bars``."""
-    quiet_libraries()
     from tqdm.auto import tqdm
 
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
@@ -63,17 +59,12 @@ def bar(iterable: Iterable | None = None, desc: str = "", total: int | None = No
     return tqdm(iterable, desc=desc, total=total, disable=not (enabled and bars_enabled()), **kwargs)
 
 
-class _DropRoutineNotes(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(s in message for s in NOISY_LOG_RECORDS)
-
-
 _CONFIGURED = False
 
 
 def quiet_libraries() -> None:
-    """Silence the libraries' routine output once per process (idempotent; imports nothing heavy)."""
+    """Silence the libraries' routine output once per process (idempotent; imports nothing heavy). Called when
+    ``nlsr_lib`` is imported; ``setdefault`` leaves a user's own setting of these variables alone."""
     global _CONFIGURED
     if _CONFIGURED:
         return
@@ -82,12 +73,5 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for category, message in NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name in ("transformers", "trl", "datasets", "accelerate", "peft"):
-        logging.getLogger(name).addFilter(_DropRoutineNotes())
-    try:  # already imported: switch its bars off directly (the variable above is read at import)
-        import sys
-
-        if "datasets" in sys.modules:
-            sys.modules["datasets"].disable_progress_bars()
-    except AttributeError:  # pragma: no cover - very old datasets
-        pass
+    if "datasets" in sys.modules:  # imported before nlsr_lib: the variable above is read at import
+        sys.modules["datasets"].disable_progress_bars()

@@ -64,8 +64,9 @@ records = []
 for name in ("base", *params.alignment.methods):
     records += pipeline.harmful_scores(params, run, name, "test")
 table = pd.DataFrame(records)
-write_results(records, "01_alignment", params.profile, columns=["method", "judge", "harmful_score", "n"])
-display(Markdown(markdown_table(records, ["method", "judge", "harmful_score", "n"])))
+columns = ["method", "judge", "harmful_score", "empty", "n"]  # empty: % of empty answers (never counted as safe)
+write_results(records, "01_alignment", params.profile, columns=columns)
+display(Markdown(markdown_table(records, columns)))
 
 # %%
 pivot = table.pivot(index="method", columns="judge", values="harmful_score").reindex(

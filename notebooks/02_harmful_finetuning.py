@@ -48,7 +48,7 @@ def measure(method: str, task: str, p: float, n: int, variant: str = "poisoned")
     acc = attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]
     return {"task": task, "method": method, "variant": variant, "poison_ratio": p, "n": n,
             "harmful_size": attack.harmful_count(n, p, variant),
-            "harmful_score": pipeline.primary_harmful_score(params, run, ref),
+            **pipeline.primary_safety(params, run, ref),
             "accuracy": acc["accuracy"], "accuracy_strict": acc["accuracy_strict"]}
 
 
@@ -92,7 +92,7 @@ for n in a.sizes:
 
 # %%
 table = pd.DataFrame(records)
-columns = ["task", "method", "variant", "poison_ratio", "n", "harmful_size", "harmful_score", "accuracy",
+columns = ["task", "method", "variant", "poison_ratio", "n", "harmful_size", "harmful_score", "empty", "accuracy",
            "accuracy_strict"]
 write_results(records, "02_harmful_finetuning", params.profile, columns=columns)
 display(Markdown(markdown_table(records, columns)))

@@ -45,17 +45,21 @@ def primary_score(ref, slice_name):
     return pipeline.primary_harmful_score(params, run, ref, slice_name)
 
 
+def test_safety(ref) -> dict:
+    return pipeline.primary_safety(params, run, ref, "test")
+
+
 records = []
 for method in params.expo.methods:
     rows = []
     for alpha in alphas:
         ref = expo.expo_stage(params, run, method, alpha)
         rows.append({"method": method, "alpha": alpha, "mode": params.expo.mode,
-                     "val_harmful_score": primary_score(ref, "val"), "harmful_score": primary_score(ref, "test")})
+                     "val_harmful_score": primary_score(ref, "val"), **test_safety(ref)})
     chosen = expo.choose_alpha({r["alpha"]: r["val_harmful_score"] for r in rows})
     records += [{**r, "chosen": r["alpha"] == chosen} for r in rows]
 table = pd.DataFrame(records)
-columns = ["method", "alpha", "mode", "val_harmful_score", "harmful_score", "chosen"]
+columns = ["method", "alpha", "mode", "val_harmful_score", "harmful_score", "empty", "chosen"]
 write_results(records, "03_safety_reference", params.profile, columns=columns)
 
 # %% [markdown]

@@ -52,13 +52,13 @@ def defend_all(method: str, task: str, p: float) -> list[dict]:
     """The aligned row and one row per defence of the ``method`` adapter attacked on ``task`` at ratio ``p``."""
     aligned = pipeline.aligned_adapter_ref(params, run, method)
     rows = [{"task": task, "method": method, "poison_ratio": p, "defense": "aligned",
-             "harmful_score": pipeline.primary_harmful_score(params, run, aligned),
+             **pipeline.primary_safety(params, run, aligned),
              "accuracy": attack.task_accuracy(params, run, aligned, task)}]
     attacked = attack.attack_stage(params, run, method, task, p)
     for defence in restoration.defence_names(params):
         ref = restoration.defence_stage(params, run, attacked, method, defence)
         rows.append({"task": task, "method": method, "poison_ratio": p, "defense": defence,
-                     "harmful_score": pipeline.primary_harmful_score(params, run, ref),
+                     **pipeline.primary_safety(params, run, ref),
                      "accuracy": attack.task_accuracy(params, run, ref, task)})
     return rows
 
@@ -75,7 +75,7 @@ for method in (m for m in params.alignment.methods if m != "dpo"):
     records += defend_all(method, "sst2", a.methods_ratio)
 table = pd.DataFrame(records)
 write_results(records, "05_restoration", params.profile,
-              columns=["task", "method", "poison_ratio", "defense", "harmful_score", "accuracy"])
+              columns=["task", "method", "poison_ratio", "defense", "harmful_score", "empty", "accuracy"])
 
 # %% [markdown]
 # ## The main table: DPO on SST-2

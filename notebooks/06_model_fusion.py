@@ -54,8 +54,7 @@ print(f"profile {params.profile}: {f.method} adapters attacked at p = {f.poison_
 # %%
 def row(fusion: str, tasks: tuple, ref) -> dict:
     accuracies = {f"accuracy_{t}": attack.task_accuracy(params, run, ref, t) for t in tasks}
-    harm = pipeline.primary_harmful_score(params, run, ref)
-    return {"fusion": fusion, "inputs": "+".join(tasks), "harmful_score": harm,
+    return {"fusion": fusion, "inputs": "+".join(tasks), **pipeline.primary_safety(params, run, ref),
             "accuracy": sum(accuracies.values()) / len(accuracies), **accuracies}
 
 
@@ -68,7 +67,7 @@ for tasks in input_sets:
         records.append(row(name, tasks, model_fusion.fusion_stage(params, run, tasks, name)))
 table = pd.DataFrame(records)
 write_results(records, "06_model_fusion", params.profile,
-              columns=["fusion", "inputs", "harmful_score", "accuracy"])
+              columns=["fusion", "inputs", "harmful_score", "empty", "accuracy"])
 
 # %% [markdown]
 # ## Results: harmful score | mean accuracy per fusion and set of inputs

@@ -44,7 +44,7 @@ print(f"profile {params.profile}: {a.method} attacked on {a.task} at p = {a.pois
 # %%
 def measure(ref) -> dict:
     """Harmful score (primary judge, test slice) and task accuracy of one defended model."""
-    return {"harmful_score": pipeline.primary_harmful_score(params, run, ref),
+    return {**pipeline.primary_safety(params, run, ref),
             "accuracy": attack.task_accuracy(params, run, ref, a.task)}
 
 
@@ -66,7 +66,8 @@ for name, value, defence in ablation.ablation_points(params):
                     "restored_modules": sum(r["selected"] for r in selection), "modules": len(selection)})
 table = pd.DataFrame(records)
 write_results(records, "07_restoration_ablation", params.profile,
-              columns=["ablation", "value", "defense", "harmful_score", "accuracy", "restored_modules", "modules"])
+              columns=["ablation", "value", "defense", "harmful_score", "empty", "accuracy", "restored_modules",
+                       "modules"])
 display(Markdown(markdown_table(table.round(1).to_dict("records"))))
 
 # %% [markdown]

@@ -113,7 +113,7 @@ def mask_task_vectors(taus: Sequence[Mapping[str, torch.Tensor]], mask: Mapping[
     for k, m in mask.items():
         if rescale == "mean":
             scale = m.mean().detach() if detach_mean else m.mean()
-            factor = m / scale if float(scale) > 0 else torch.zeros_like(m)
+            factor = m / scale if float(scale.detach()) > 0 else torch.zeros_like(m)
         else:
             factor = m
         for tv, dst in zip(taus, out):

@@ -60,14 +60,16 @@ def _dpo_trainer():
 def _orpo_trainer():
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    return ORPOTrainer, ORPOConfig, lambda tc: {"max_length": tc.max_length, "beta": tc.beta}
+    # remove_unused_columns=False: the pairwise collator needs every column (trl sets it and says so otherwise)
+    return ORPOTrainer, ORPOConfig, lambda tc: {"max_length": tc.max_length, "beta": tc.beta,
+                                                "remove_unused_columns": False}
 
 
 def _simpo_trainer():
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     return CPOTrainer, CPOConfig, lambda tc: {"max_length": tc.max_length, "loss_type": "simpo", "cpo_alpha": 0.0,
-                                              "beta": tc.beta, "simpo_gamma": tc.gamma}
+                                              "beta": tc.beta, "simpo_gamma": tc.gamma, "remove_unused_columns": False}
 
 
 def _kto_trainer():
