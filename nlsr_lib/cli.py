@@ -1,4 +1,4 @@
-"""The ``nlsr`` console script: ``reproduce``, ``stage`` and ``params``.
+"""The ``nlsr`` console script: ``reproduce``, ``stage``, ``params`` and ``bench``.
 
 * ``nlsr reproduce --params params/tiny.yaml [--only 01] [--from 02]`` runs the notebooks with papermill.
 * ``nlsr stage NAME --params FILE [--method M] [--force]`` runs one stage (under ``accelerate launch`` for
@@ -6,6 +6,20 @@
 * ``nlsr params FILE`` validates a params file and prints it fully resolved.
 * ``nlsr bench NAME [ARGS...]`` runs one benchmark of ``benchmarks/NAME.py`` (its ``main(argv)``); the
   benchmark prints one JSON object as its last line. ``nlsr bench all`` runs every one in turn.
+
+A params path typed here is looked up in the current directory first, then relative to the repository root
+(nlsr_lib.config.resolve_params_path).
+
+Exit status and messages:
+  0    done.
+  1    a notebook (or a benchmark) failed: one line naming the notebook, the failing cell's index in the source
+       notebook, the error and the executed copy.
+  2    a bad input, on one line on stderr, "[nlsr] error: ...": a params file (YAML syntax with its line, unknown
+       key, value out of range), a command-line value (--only 1, --method dpoo), an unreadable file (a truncated
+       .safetensors, named).
+  130  interrupted (Ctrl-C; 128 + SIGINT, the shell's convention): one line saying what was running. Finished
+       stages are cached, so running the same command again resumes where it stopped.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +27,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Callable
 
-from .config import ParamsError, dump_params, load_params
+from .config import ALIGNMENT_METHOD_NAMES, dump_params, load_params
+from .errors import Interrupted, NlsrError, UsageError, explain_unreadable_safetensors, one_line
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _stage(fn_name: str, needs_method: bool = False) -> Callable:
@@ -25,8 +43,13 @@ def _stage(fn_name: str, needs_method: bool = False) -> Callable:
         fn = getattr(pipeline, fn_name)
         if needs_method:
             if not args.method:
-                raise SystemExit(f"stage {args.name} needs --method (one of {', '.join(params.alignment.methods)})")
+                raise UsageError(f"stage {args.name} needs --method (one of {', '.join(params.alignment.methods)})")
+            if args.method not in params.alignment.methods:
+                raise UsageError(f"--method {args.method}: not among alignment.methods of this profile; choose one "
+                                 f"of {', '.join(params.alignment.methods)}")
             return fn(params, run, args.method)
+        if args.method:
+            raise UsageError(f"stage {args.name} takes no --method (only align does)")
         return fn(params, run)
 
     return call
@@ -39,6 +62,13 @@ STAGES: dict[str, Callable] = {
     "moderation": _stage("moderation_stage"),
     "align": _stage("align_stage", needs_method=True),
 }
+
+
+def cli_path(path: str) -> str:
+    """A path typed on the command line: the file relative to the shell's current directory when there is one
+    there (absolute from then on), otherwise unchanged, for :func:`nlsr_lib.config.resolve_params_path`."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if not p.is_absolute() and p.is_file() else path
 
 
 def benchmark_names() -> list[str]:
@@ -54,7 +84,7 @@ def run_benchmark(name: str, argv: list[str]) -> int:
 
     names = benchmark_names()
     if name not in names:
-        raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(names) or 'none'}")
+        raise UsageError(f"unknown benchmark {name!r}; available: {', '.join(names) or 'none'}, or all")
     path = PROJECT_ROOT / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"nlsr_benchmarks.{name}", path)
     module = importlib.util.module_from_spec(spec)
@@ -62,19 +92,26 @@ def run_benchmark(name: str, argv: list[str]) -> int:
     return int(module.main(argv) or 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nlsr", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (exit 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"[nlsr] error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nlsr", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run the notebooks headless with papermill")
     rep.add_argument("--params", default="params/tiny.yaml")
-    rep.add_argument("--only", help="run only this notebook number, e.g. 01")
-    rep.add_argument("--from", dest="start", help="start at this notebook number, e.g. 03")
+    rep.add_argument("--only", help="run only this notebook number: 01 ... 07")
+    rep.add_argument("--from", dest="start", help="start at this notebook number: 01 ... 07")
 
     st = sub.add_parser("stage", help="run one pipeline stage")
     st.add_argument("name", choices=sorted(STAGES))
     st.add_argument("--params", default="params/tiny.yaml")
-    st.add_argument("--method", help="alignment method for the align stage")
+    st.add_argument("--method", choices=ALIGNMENT_METHOD_NAMES, help="alignment method of the align stage")
     st.add_argument("--force", action="store_true", help="recompute this stage even if cached")
 
     pa = sub.add_parser("params", help="validate a params file and print it resolved")
@@ -83,37 +120,71 @@ def main(argv: list[str] | None = None) -> int:
     be = sub.add_parser("bench", help="run a benchmark of benchmarks/ (last line: one JSON object)")
     be.add_argument("name", help="benchmark name (a file of benchmarks/), or 'all'")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _error(message: object) -> None:
+    print(f"[nlsr] error: {one_line(message)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    state: dict = {"what": f"nlsr {args.command}", "stage": None, "run": None, "search": []}
     try:
-        if args.command == "bench":
-            names = benchmark_names() if args.name == "all" else [args.name]
-            return max((run_benchmark(name, args.bench_args) for name in names), default=0)
-        if args.command == "params":
-            print(dump_params(load_params(args.file)), end="")
-            return 0
-        if args.command == "reproduce":
-            from .reproduce import NotebookFailure, reproduce
+        return _dispatch(args, state)
+    except KeyboardInterrupt as err:
+        run = state["run"]
+        what = getattr(err, "what", None) if isinstance(err, Interrupted) else None
+        if what is None and run is not None and run.interrupted and run.interrupted != state["stage"]:
+            what = f"{state['what']} (while building stage {run.interrupted})"
+        print(f"[nlsr] interrupted: {what or state['what']}. Finished stages are cached: run the same command "
+              "again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NlsrError as err:
+        _error(err)
+        return EXIT_USAGE
+    except Exception as err:
+        explained = explain_unreadable_safetensors(err, search=state["search"])
+        if explained is None:
+            raise
+        _error(explained)
+        return EXIT_USAGE
 
-            try:
-                timings = reproduce(args.params, only=args.only, start=args.start, progress=True)
-            except NotebookFailure as failure:
-                print(f"[nlsr] FAILED: {failure}", file=sys.stderr)
-                return 1
-            for name, seconds in timings:
-                print(f"[nlsr] {name}: {seconds:.1f}s")
-            return 0
-        from .runs import Run
 
-        params = load_params(args.params)
-        stage_name = f"align/{args.method}" if args.name == "align" and args.method else args.name
-        run = Run(params.profile, force=[stage_name] if args.force else [])
-        artifact = STAGES[args.name](params, run, args)
-        print(f"[nlsr] {artifact.stage}: {artifact.path}")
+def _dispatch(args: argparse.Namespace, state: dict) -> int:
+    if args.command == "bench":
+        names = benchmark_names() if args.name == "all" else [args.name]
+        status = 0
+        for name in names:
+            state["what"] = f"benchmark {name}"
+            status = max(status, run_benchmark(name, args.bench_args))
+        return status
+    if args.command == "params":
+        print(dump_params(load_params(cli_path(args.file))), end="")
         return 0
-    except ParamsError as err:
-        print(f"[nlsr] invalid params: {err}", file=sys.stderr)
-        return 2
+    if args.command == "reproduce":
+        from .reproduce import NotebookFailure, notebooks, reproduce
+
+        notebooks(args.only, args.start)  # a bad --only/--from is refused before anything runs
+        state["what"] = "nlsr reproduce"
+        try:
+            timings = reproduce(cli_path(args.params), only=args.only, start=args.start, progress=True)
+        except NotebookFailure as failure:
+            print(f"[nlsr] FAILED: {one_line(failure)}", file=sys.stderr)
+            return EXIT_FAILED
+        for name, seconds in timings:
+            print(f"[nlsr] {name}: {seconds:.1f}s")
+        return 0
+    from .runs import Run
+
+    params = load_params(cli_path(args.params))
+    stage_name = f"align/{args.method}" if args.name == "align" and args.method else args.name
+    state["what"], state["stage"] = f"stage {stage_name}", stage_name
+    run = Run(params.profile, force=[stage_name] if args.force else [])
+    state["run"], state["search"] = run, [run.root]
+    artifact = STAGES[args.name](params, run, args)
+    print(f"[nlsr] {artifact.stage}: {artifact.path}")
+    return 0
 
 
 if __name__ == "__main__":

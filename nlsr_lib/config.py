@@ -3,7 +3,14 @@
 A params file is a nested mapping whose sections mirror the dataclasses below. ``extends: other.yaml``
 inherits another file (deep merge, the child wins). Loading is strict: an unknown key, a value of the wrong
 type or a value outside its allowed range raises :class:`ParamsError` naming the dotted key and what is
-allowed. Numbers written as ``1e-5`` (a string to YAML 1.1) are accepted where a float is expected.
+allowed. Numbers written as ``1e-5`` (a string to YAML 1.1) are accepted where a float is expected; NaN and
+infinities (``.nan``, ``.inf``) are refused everywhere. A YAML syntax error names the file and the line.
+
+Cross checks (``_CROSS_CHECKS``) refuse what would pass field by field and fail late, hours into a run: an
+unknown method, scorer or device, ``fusion.method`` / ``ablation.method`` not trained by ``alignment.methods``,
+and ``lora.target_modules`` that match no module of the model (:func:`check_target_modules`, when the model's
+architecture is known on this machine: :func:`model_module_names`). Where a relative params path points is
+decided by :func:`resolve_params_path`.
 
 Every field's metadata may carry ``range=(lo, hi)`` (inclusive; ``None`` = unbounded), ``open_hi=True`` (hi
 excluded) or ``choices=(...)``; :func:`_check_value` enforces them.
@@ -12,6 +19,9 @@ excluded) or ``choices=(...)``; :func:`_check_value` enforces them.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +29,14 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import NlsrError
+
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALIGNMENT_METHOD_NAMES = ("sft", "dpo", "orpo", "kto", "simpo")
 
 
-class ParamsError(ValueError):
-    """A params file or override is invalid; the message names the key and what is allowed."""
+class ParamsError(NlsrError, ValueError):
+    """A params file or override is invalid; the message names the key (or the file and line) and what is allowed."""
 
 
 def _f(default: Any, *, range: tuple | None = None, choices: tuple | None = None, open_hi: bool = False,
@@ -113,7 +125,8 @@ class ModelConfig:
 
     name: str = _f("tiny")
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
-    device_map: str = _f("auto", doc="'auto', 'cpu' or a device such as 'cuda:0'")
+    device_map: str = _f("auto", doc="'auto' (every GPU, or the CPU if there is none), 'cpu', 'cuda', 'cuda:N', 'mps', "
+                                     "or a transformers strategy: 'balanced', 'balanced_low_0', 'sequential'")
     trust_remote_code: bool = _f(False)
     tiny: TinyModelConfig = _sub(TinyModelConfig)
 
@@ -547,6 +560,144 @@ def _check_slices(p: Params) -> None:
             raise ParamsError("lora.target_modules: empty module name")
 
 
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@_cross_check
+def _check_devices(p: Params) -> None:
+    """``model.device_map`` goes to ``from_pretrained(device_map=...)`` (``auto`` and ``cpu`` through
+    :func:`nlsr_lib.models.resolve_device_map`); ``fusion.device`` to ``torch.device``. Whether the device exists
+    is checked where it is used: params are often validated on a machine without the GPUs."""
+    dm = p.model.device_map
+    if dm not in DEVICE_MAP_STRATEGIES and not _DEVICE.fullmatch(dm):
+        raise ParamsError(f"model.device_map: {dm!r} is not allowed; choose one of auto, cpu, cuda, cuda:N (N = 0, 1, "
+                          "...), mps, or a transformers strategy: balanced, balanced_low_0, sequential")
+    if not _DEVICE.fullmatch(p.fusion.device):
+        raise ParamsError(f"fusion.device: {p.fusion.device!r} is not allowed; choose one of cpu, cuda, cuda:N, mps")
+
+
+@_cross_check
+def _check_methods_are_aligned(p: Params) -> None:
+    """Notebooks 06 and 07 work on the adapters of one alignment method, which notebook 01 must train."""
+    for key, method in (("fusion.method", p.fusion.method), ("ablation.method", p.ablation.method)):
+        if method not in p.alignment.methods:
+            raise ParamsError(f"{key}: {method!r} is not among alignment.methods {list(p.alignment.methods)}; "
+                              f"choose one of them or add it there")
+
+
+@_cross_check
+def _check_lora_targets(p: Params) -> None:
+    names = model_module_names(p.model)
+    if names is not None:
+        check_target_modules(p.lora.target_modules, names, p.model.name)
+
+
+# --------------------------------------------------------------------------------------------- LoRA targets
+# Architectures whose module names are known without building them (transformers' Llama layout; Mistral and
+# Qwen2 use the same names). Anything else is built on the meta device, which allocates no memory.
+LLAMA_LIKE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def _llama_like_module_names(num_hidden_layers: int) -> tuple[str, ...]:
+    """The LoRA-adaptable modules (linear layers and the embedding) of a Llama-layout causal LM."""
+    names = ["model.embed_tokens"]
+    for i in range(num_hidden_layers):
+        names += [f"model.layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        names += [f"model.layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+    return tuple(names + ["lm_head"])
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_module_names(config_source: str, trust_remote_code: bool) -> tuple[str, ...] | None:
+    """Adaptable module names of the causal LM that ``config_source`` (a directory with config.json, or a hub id
+    found in the local cache) describes, built on the meta device (no weights); None if that is impossible."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(config_source, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        try:
+            from transformers.pytorch_utils import Conv1D  # GPT-2 style "linear" layers
+
+            kinds += (Conv1D,)
+        except ImportError:  # pragma: no cover - older/newer transformers
+            pass
+        return tuple(name for name, module in model.named_modules() if isinstance(module, kinds))
+    except Exception:  # unknown architecture, unreadable config: no check rather than a false error
+        return None
+
+
+def _local_model_config(name: str) -> tuple[str, dict] | None:
+    """(where, config.json contents) of model ``name`` when it is on this machine: a directory holding config.json,
+    or a hub id whose config.json is in the local Hugging Face cache. Never touches the network."""
+    import json
+
+    candidate = Path(name).expanduser()
+    path = candidate / "config.json" if candidate.is_dir() else None
+    if path is None and not candidate.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            path = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # not a valid repo id, no cache
+            path = None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return (str(candidate) if candidate.is_dir() else name), config if isinstance(config, dict) else {}
+
+
+def model_module_names(model: ModelConfig) -> tuple[str, ...] | None:
+    """The full names of the LoRA-adaptable modules (linear layers, embeddings) of the profile's model, or None when
+    they cannot be known here — then :func:`check_target_modules` is skipped.
+
+    * ``tiny``: the Llama built from ``model.tiny`` (nlsr_lib.tiny): the seven projections per layer, the
+      embedding and ``lm_head``.
+    * a local directory with ``config.json``, or a hub id whose ``config.json`` is already in the local Hugging Face
+      cache: Llama, Mistral and Qwen2 from their known layout; other architectures are built from the config on
+      the meta device (no weights, no memory), unless ``model.trust_remote_code`` is on (no code is run to
+      validate params).
+    * a hub id not in the local cache (offline, or never downloaded): None, the check is skipped; the model's own
+      loading reports a bad target later.
+    """
+    if model.name == "tiny":
+        return _llama_like_module_names(model.tiny.num_hidden_layers)
+    found = _local_model_config(model.name)
+    if found is None:
+        return None
+    source, config = found
+    architectures = config.get("architectures") or []
+    layers = config.get("num_hidden_layers")
+    if len(architectures) == 1 and architectures[0] in LLAMA_LIKE_ARCHITECTURES and isinstance(layers, int):
+        return _llama_like_module_names(layers)
+    if model.trust_remote_code:
+        return None
+    return _meta_module_names(source, False)
+
+
+def check_target_modules(target_modules: typing.Iterable[str], module_names: typing.Iterable[str],
+                         model: str = "the model", key: str = "lora.target_modules") -> None:
+    """Raise :class:`ParamsError` unless every entry of ``target_modules`` matches a module of ``module_names``
+    the way PEFT matches a list: the full name equals the entry or ends with ``"." + entry`` (``q_proj``,
+    ``self_attn.q_proj``, ``model.layers.0.self_attn.q_proj``). The message names the unmatched entries and the
+    available (leaf) module names."""
+    names = tuple(module_names)
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+        raise ParamsError(f"{key}: {', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} no "
+                          f"module of {model}; its adaptable modules are {', '.join(leaves)} (a name, or a dotted "
+                          "suffix of the full module path such as self_attn.q_proj)")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -578,8 +729,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key}: expected a number, got {value!r}")
         value = float(value)
-        if value != value:
-            raise ParamsError(f"{key}: NaN is not allowed")
+        if not math.isfinite(value):
+            raise ParamsError(f"{key}: {value!r} is not allowed; expected a finite number")
     elif tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")
@@ -637,19 +788,46 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _yaml_error(path: Path, err: yaml.YAMLError) -> ParamsError:
+    """One line naming the file, the line and column, and what YAML found there."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x) or str(err)
+    return ParamsError(f"{where}: invalid YAML: {' '.join(what.split())}")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of one params file with its ``extends:`` chain merged in (the child wins). ``extends:`` is
+    relative to the directory of the file that contains it (or absolute)."""
     path = path.resolve()
     if path in seen:
         raise ParamsError(f"extends: cycle through {path}")
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise _yaml_error(path, err) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read it as a YAML text file ({err})") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping")
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    return _deep_merge(_read_yaml(path.parent / parent, seen + (path,)), raw)
+    if not isinstance(parent, str) or not parent:
+        raise ParamsError(f"{path}: extends: expected the path of a params file, got {parent!r}")
+    parent_path = Path(parent).expanduser()
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.is_file():
+        raise ParamsError(f"{path}: extends: {parent}: params file not found: {parent_path.resolve()} "
+                          "(extends: is relative to the file that contains it)")
+    try:
+        inherited = _read_yaml(parent_path, seen + (path,))
+    except ParamsError as err:
+        raise ParamsError(f"{err} (extended by {path})") from None
+    return _deep_merge(inherited, raw)
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -667,18 +845,42 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
 
 
 def resolve_params_path(path: str | Path) -> Path:
-    """A params path as given, else relative to the project root (so notebooks may run from notebooks/)."""
+    """Where a params file is — one rule for notebooks, papermill, ``nlsr reproduce`` and Python:
+
+    * an absolute path (``~`` expanded) is used as it is;
+    * a relative path is relative to the **repository root** (:data:`nlsr_lib.paths.PROJECT_ROOT`), whatever the
+      current directory: ``params/smoke.yaml`` means the same file in a notebook's kernel (which runs in
+      ``notebooks/``), under ``papermill`` started from the root and in a test;
+    * transitional: if there is no such file under the root but there is one relative to the current directory,
+      that one is used, so a parameters cell that still says ``../params/tiny.yaml`` keeps working from
+      ``notebooks/`` (write ``params/tiny.yaml`` instead);
+    * ``extends:`` inside a params file is relative to the file that contains it (see :func:`_read_yaml`).
+
+    The ``nlsr`` command line differs in one way, as every command-line tool does: a path typed on it is first
+    looked up relative to the shell's current directory (``nlsr_lib.cli.cli_path``), then by this rule.
+    The result may not exist; :func:`load_params` then names every place it looked.
+    """
     from .paths import PROJECT_ROOT
 
-    p = Path(path)
-    if p.is_file() or p.is_absolute():
+    p = Path(path).expanduser()
+    if p.is_absolute():
         return p
-    return PROJECT_ROOT / p
+    rooted = PROJECT_ROOT / p
+    if not rooted.is_file() and p.is_file():
+        return p.resolve()
+    return rooted
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
     """Load a params YAML (with ``extends:``), apply dotted overrides, validate and freeze it."""
-    raw = _apply_overrides(_read_yaml(resolve_params_path(path)), overrides or {})
+    resolved = resolve_params_path(path)
+    if not resolved.is_file():
+        from .paths import PROJECT_ROOT
+
+        tried = [str(resolved)] + ([str(Path(path).resolve())] if not Path(path).expanduser().is_absolute() else [])
+        raise ParamsError(f"params file not found: {path} (looked for {' and '.join(dict.fromkeys(tried))}; a relative "
+                          f"path is relative to the repository root {PROJECT_ROOT})")
+    raw = _apply_overrides(_read_yaml(resolved), overrides or {})
     params = _build(Params, raw)
     for check in _CROSS_CHECKS:
         check(params)
@@ -699,5 +901,6 @@ def dump_params(params: Params) -> str:
 
 __all__ = [
     "ParamsError", "Params", "load_params", "params_from_dict", "dump_params", "to_dict",
-    "SEVEN_PROJECTIONS", "ALIGNMENT_METHOD_NAMES", "TrainConfig",
+    "SEVEN_PROJECTIONS", "ALIGNMENT_METHOD_NAMES", "TrainConfig", "resolve_params_path", "model_module_names",
+    "check_target_modules",
 ]

@@ -5,6 +5,14 @@ Every stage writes one artifact directory ``runs/<profile>/<stage>/`` containing
 ``sha256(stage, config, inputs)``. A stage is built in a temporary sibling directory and renamed into place
 only when complete, so a killed run never leaves a directory the cache would trust; the next call rebuilds
 it. A later call with the same config and inputs returns the cached artifact; ``force`` recomputes.
+
+What a killed run leaves behind is swept by the next :class:`Run` of the profile (:func:`sweep_leftovers`):
+temporary names carry their owner, ``.tmp-<stage>-<pid>@<host>-<random>`` (also ``.old-…`` for a replaced
+artifact being deleted, and ``.<file>.<pid>@<host>-<random>.tmp`` for :func:`atomic_write_text`), so one whose
+process is dead on this host is removed at once; one that cannot be checked (another host, a build under a
+launcher shared by several ranks, a name from before this rule) is removed once nothing in it changed for
+:data:`STALE_SECONDS`. Files written by :func:`atomic_write_text` get the usual ``0666 & ~umask`` mode (0644),
+not ``mkstemp``'s 0600, so a group can read manifests and results.
 """
 
 from __future__ import annotations
@@ -12,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -47,18 +56,35 @@ def fingerprint(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+STALE_SECONDS = 2 * 24 * 3600  # a leftover whose owner cannot be checked is removed after this long untouched
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "host")
+_OWNED = re.compile(r"[-.](?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)-[0-9a-f]{8}(?:\.tmp)?$")
+_LEFTOVER_DIR = re.compile(r"^\.(?:tmp|old)-.+-(?:[0-9a-f]{8}|[0-9a-f]{12})$")  # pid@host names end likewise
+_LEFTOVER_FILE = re.compile(r"^\..+\.(?:[a-z0-9_]{8}|\d+@[A-Za-z0-9._-]+-[0-9a-f]{8})\.tmp$")  # mkstemp's or ours
+
+
+def _owner_tag() -> str:
+    """``<pid>@<host>-<random>``: who made a temporary name, so a sweep can tell a live build from a dead one."""
+    return f"{os.getpid()}@{_HOST}-{uuid.uuid4().hex[:8]}"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    The file is created with mode ``0666 & ~umask`` (0644 under the usual umask), like any file a program writes,
+    so a group sharing the run directory can read manifests and results."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{_owner_tag()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -78,6 +104,64 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process; an absurd pid
+        return True
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of ``path`` or anything under it (a long build may write deep inside)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                except OSError:
+                    pass
+    return newest
+
+
+def _is_abandoned(path: Path, now: float, stale_seconds: float) -> bool:
+    """A leftover temporary name whose owner is dead (same host) or that nothing touched for ``stale_seconds``."""
+    owned = _OWNED.search(path.name)
+    if owned and owned["host"] == _HOST:
+        return not _pid_alive(int(owned["pid"]))
+    try:
+        return now - _newest_mtime(path) > stale_seconds
+    except OSError:
+        return False
+
+
+def sweep_leftovers(root: Path, stale_seconds: float = STALE_SECONDS) -> list[Path]:
+    """Remove, anywhere under ``root``, the temporary directories (``.tmp-*``, ``.old-*``) and files (``.*.tmp``)
+    of builds and writes that were killed; returns what was removed. A temporary name of a live process, or of one
+    that cannot be checked and changed within ``stale_seconds``, is kept (see the module docstring)."""
+    removed: list[Path] = []
+    now = time.time()
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in list(dirnames):
+            if _LEFTOVER_DIR.match(name):
+                dirnames.remove(name)  # never descend into a temporary directory
+                if _is_abandoned(here / name, now, stale_seconds):
+                    shutil.rmtree(here / name, ignore_errors=True)
+                    removed.append(here / name)
+        for name in filenames:
+            if _LEFTOVER_FILE.match(name) and _is_abandoned(here / name, now, stale_seconds):
+                try:
+                    (here / name).unlink()
+                    removed.append(here / name)
+                except OSError:
+                    pass
+    return removed
+
+
 class Run:
     """The run directory of one profile and its stage cache."""
 
@@ -89,7 +173,11 @@ class Run:
         self.force = set(force) | {s for s in env_force.split(",") if s}
         self.quiet = quiet
         self.log: list[tuple[str, bool, float]] = []  # (stage, cached, seconds)
+        self.interrupted: str | None = None  # the innermost stage a KeyboardInterrupt stopped (for its message)
         self._memo: dict[str, Any] = {}
+        self.swept: list[Path] = []  # leftovers of killed builds removed on creation (rank 0 only)
+        if _distributed_rank()[0] == 0:
+            self.swept = sweep_leftovers(self.root)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
         """An in-memory value computed once per Run (e.g. datasets loaded from an artifact)."""
@@ -134,7 +222,7 @@ class Run:
         final.parent.mkdir(parents=True, exist_ok=True)
         rank, world_size = _distributed_rank()
         # Under `accelerate launch` every rank builds into the same directory; rank 0 alone finalises it.
-        suffix = fp[:12] if world_size > 1 else uuid.uuid4().hex[:8]
+        suffix = fp[:12] if world_size > 1 else _owner_tag()
         tmp = final.parent / f".tmp-{final.name}-{suffix}"
         tmp.mkdir(exist_ok=world_size > 1)
         start = time.perf_counter()
@@ -158,8 +246,10 @@ class Run:
             self._replace(tmp, final)
             if world_size > 1:
                 _barrier()
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, KeyboardInterrupt) and self.interrupted is None:
+                self.interrupted = stage
             raise
         seconds = time.perf_counter() - start
         self.log.append((stage, False, seconds))
@@ -172,7 +262,7 @@ class Run:
         """Swap ``tmp`` into ``final``; an older ``final`` is moved aside first and deleted after."""
         old = None
         if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            old = final.parent / f".old-{final.name}-{_owner_tag()}"
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:

@@ -1,15 +1,24 @@
-"""The `nlsr` console script: params validation, stage runs, reproduce argument errors."""
+"""The `nlsr` console script: params validation, stage runs and their cache, one-line errors and interrupts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from nlsr_lib import pipeline
 from nlsr_lib.cli import main
-from nlsr_lib.reproduce import notebooks
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
+SMOKE = str(PARAMS / "smoke.yaml")
+
+
+def _one_line_error(capsys) -> str:
+    """The captured stderr, checked to be exactly one `[nlsr] ...` line without a traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("[nlsr] ") and "Traceback" not in err, err
+    return err
 
 
 def test_params_prints_the_resolved_file(capsys):
@@ -21,21 +30,121 @@ def test_params_prints_the_resolved_file(capsys):
 def test_misspelt_key_exits_2_naming_it(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(f"extends: {PARAMS / 'tiny.yaml'}\nlora: {{rank: 8}}\n")
     assert main(["params", str(tmp_path / "bad.yaml")]) == 2
-    assert "unknown key lora.rank" in capsys.readouterr().err
+    assert "unknown key lora.rank" in _one_line_error(capsys)
 
 
-def test_stage_world_runs_and_caches(nlsr_home, capsys):
-    assert main(["stage", "world", "--params", str(PARAMS / "smoke.yaml")]) == 0
-    assert (nlsr_home / "runs" / "smoke" / "world" / "manifest.json").is_file()
-    assert main(["stage", "world", "--params", str(PARAMS / "smoke.yaml")]) == 0
+def test_a_params_path_is_looked_up_in_the_shell_directory_first(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mine.yaml").write_text("extends: " + str(PARAMS / "smoke.yaml") + "\nprofile: mine\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["params", "mine.yaml"]) == 0 and "profile: mine" in capsys.readouterr().out
+    assert main(["params", "params/smoke.yaml"]) == 0  # not here: relative to the repository root
+    assert "profile: smoke" in capsys.readouterr().out
 
 
-def test_align_stage_needs_a_method(nlsr_home):
-    with pytest.raises(SystemExit, match="needs --method"):
-        main(["stage", "align", "--params", str(PARAMS / "smoke.yaml")])
+def test_stage_world_runs_then_hits_the_cache(nlsr_home, capsys):
+    assert main(["stage", "world", "--params", SMOKE]) == 0
+    manifest = nlsr_home / "runs" / "smoke" / "world" / "manifest.json"
+    assert manifest.is_file() and "world: building" in capsys.readouterr().out
+    before = manifest.stat().st_mtime_ns
+    assert main(["stage", "world", "--params", SMOKE]) == 0
+    out = capsys.readouterr().out
+    assert "world: cached" in out and "building" not in out
+    assert manifest.stat().st_mtime_ns == before
 
 
-def test_notebook_selection():
-    assert [p.name[:2] for p in notebooks(only="01")] == ["01"]
-    with pytest.raises(ValueError, match="no notebook"):
-        notebooks(only="99")
+def test_align_stage_needs_a_method(nlsr_home, capsys):
+    assert main(["stage", "align", "--params", SMOKE]) == 2
+    assert "stage align needs --method (one of sft, dpo, orpo, kto, simpo)" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["reproduce", "--params", SMOKE, "--only", "1"], "--only 1: expected a two-digit notebook number, one of 01, 02"),
+    (["reproduce", "--params", SMOKE, "--only", "99"], "--only 99: there is no notebook 99; choose one of 01, 02"),
+    (["reproduce", "--params", SMOKE, "--from", "99"], "--from 99: there is no notebook 99"),
+    (["stage", "align", "--params", SMOKE, "--method", "dpoo"], "invalid choice: 'dpoo'"),
+    (["stage", "wrold", "--params", SMOKE], "invalid choice: 'wrold'"),
+    (["bench", "nope"], "unknown benchmark 'nope'"),
+])
+def test_bad_command_line_values_are_one_line_errors(argv, expected, nlsr_home, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusals exit; ours return
+        raise SystemExit(main(argv))
+    assert exit_info.value.code == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("[nlsr] error: ") and expected in err, err
+    if "--method" in argv:
+        assert all(m in err for m in ("sft", "dpo", "orpo", "kto", "simpo"))
+    if "--only" in argv or "--from" in argv:
+        assert "07" in err
+    assert not (nlsr_home / "runs").exists()  # refused before anything ran
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    (tmp_path / "parent.yaml").write_text("profile: p\nlora:\n  r: 4\n   alpha: 8\n")  # bad indent on line 4
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\nprofile: c\n")
+    assert main(["params", str(tmp_path / "child.yaml")]) == 2
+    err = _one_line_error(capsys)
+    assert f"{tmp_path / 'parent.yaml'}, line 4" in err and "invalid YAML" in err
+
+
+def _stage_that(build_inner):
+    """A stand-in for pipeline.world_stage: stage `world` whose build runs stage `inner`, built by `build_inner`."""
+    def world_stage(params, run):
+        return run.stage("world", {}, lambda out: run.stage("inner", {}, build_inner) and {})
+    return world_stage
+
+
+def test_ctrl_c_in_a_stage_is_one_line_naming_it_and_exits_130(nlsr_home, monkeypatch, capsys):
+    def interrupted(out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "world_stage", _stage_that(interrupted))
+    assert main(["stage", "world", "--params", SMOKE]) == 130
+    err = _one_line_error(capsys)
+    assert "interrupted: stage world (while building stage inner)" in err and "again to resume" in err
+    assert [p.name for p in (nlsr_home / "runs" / "smoke").iterdir()] == []  # nothing half-built is left
+
+
+def test_ctrl_c_in_reproduce_names_the_notebook(nlsr_home, monkeypatch, capsys):
+    import papermill
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    assert main(["reproduce", "--params", SMOKE, "--only", "02"]) == 130
+    assert "interrupted: notebook 02_harmful_finetuning.ipynb" in _one_line_error(capsys)
+
+
+def test_a_truncated_safetensors_file_is_named(nlsr_home, monkeypatch, capsys):
+    import torch
+
+    from nlsr_lib.models import read_adapter, write_adapter
+
+    adapter = nlsr_home / "adapter"
+    write_adapter(adapter, {"a.lora_A.weight": torch.ones(4, 8)}, {"r": 4, "lora_alpha": 8})
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    def world_stage(params, run):
+        return run.stage("world", {}, lambda out: read_adapter(adapter))
+
+    monkeypatch.setattr(pipeline, "world_stage", world_stage)
+    assert main(["stage", "world", "--params", SMOKE]) == 2
+    err = _one_line_error(capsys)
+    assert f"cannot read {weights}: not a complete safetensors file" in err and "truncated" in err
+
+
+def test_an_unexpected_exception_keeps_its_traceback(nlsr_home, monkeypatch):
+    def bug(params, run):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(pipeline, "world_stage", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["stage", "world", "--params", SMOKE])
+
+
+def test_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "130" in out and "one line" in out and os.linesep in out

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nlsr_lib.paths import figures_dir, results_dir, runs_dir
-from nlsr_lib.reproduce import NotebookFailure, reproduce
+from nlsr_lib.reproduce import NOTEBOOKS_DIR, NotebookFailure, reproduce
 
 pytestmark = pytest.mark.notebook
 
@@ -35,8 +35,12 @@ def test_failing_notebook_reports_cell_error_and_path(nlsr_home, tmp_path):
                    + "\njudges: {moderation: {model: /nonexistent/judge}}\n")
     with pytest.raises(NotebookFailure) as info:
         reproduce(bad, only="01", log=lambda *_: None)
-    assert info.value.cell_index is not None and info.value.executed_path.is_file()
-    assert "nonexistent" in str(info.value) or "Error" in info.value.error
+    # the judge is first loaded to score the models; the index is the source notebook's (papermill's cells skipped)
+    source = json.loads((NOTEBOOKS_DIR / "01_alignment.ipynb").read_text())["cells"]
+    expected = next(i for i, c in enumerate(source) if "pipeline.harmful_scores(" in "".join(c["source"]))
+    assert info.value.cell_index == expected and "pipeline.harmful_scores(" in info.value.cell_source
+    assert info.value.error.startswith("OSError: ") and "/nonexistent/judge" in info.value.error, info.value.error
+    assert info.value.executed_path.is_file()
 
 
 def test_notebooks_02_onward_smoke(nlsr_home):

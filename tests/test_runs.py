@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
-from nlsr_lib.runs import MANIFEST, Run, atomic_write_json, atomic_write_text
+from nlsr_lib.runs import _HOST, MANIFEST, STALE_SECONDS, Run, atomic_write_json, atomic_write_text
 
 
 def _writer(calls: list, text: str = "hello"):
@@ -91,3 +95,65 @@ def test_under_a_launcher_only_rank_zero_finalises(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     art = run.stage("s", {}, _writer([]))
     assert (art.path / MANIFEST).is_file() and [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_the_next_run_sweeps_what_killed_builds_left_behind(tmp_path):
+    dead, live, old = _dead_pid(), os.getpid(), time.time() - STALE_SECONDS - 60
+    tmp = {  # name -> (should be removed, age)
+        f".tmp-s-{dead}@{_HOST}-0123abcd": (True, None),  # a killed build on this host
+        f"align/.old-dpo-{dead}@{_HOST}-0123abcd": (True, None),  # killed while deleting a replaced artifact
+        f"align/.tmp-kto-{live}@{_HOST}-0123abcd": (False, old),  # a live build (here: this process), however old
+        f".tmp-u-{dead}@elsewhere-0123abcd": (False, None),  # another host's: cannot tell, recent
+        f".tmp-u2-{dead}@elsewhere-0123abcd": (True, old),  # ... untouched for too long
+        ".tmp-v-4bd086b3": (False, None),  # named before owners were recorded, recent
+        ".tmp-w-4bd086b3": (True, old),  # ... stale
+        f".tmp-x-{'a' * 12}": (True, old),  # shared by the ranks of a launcher, stale
+        f"s/.manifest.json.{dead}@{_HOST}-0123abcd.tmp": (True, None),  # a killed atomic_write_text
+        "s/.results.json.ab_cd123.tmp": (True, old),  # a killed mkstemp-style write, stale
+        f"s/.results.json.{live}@{_HOST}-0123abcd.tmp": (False, None),  # a write in progress
+    }
+    for name, (_, age) in tmp.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".tmp"):
+            path.write_text("half")
+        else:
+            path.mkdir()
+            (path / "weights.bin").write_text("half")
+            if age:
+                os.utime(path / "weights.bin", (age, age))
+        if age:
+            os.utime(path, (age, age))
+    (tmp_path / "s" / MANIFEST).write_text("{}")
+    run = Run("t", root=tmp_path, quiet=True)
+    removed = {str(p.relative_to(tmp_path)) for p in run.swept}
+    assert removed == {name for name, (gone, _) in tmp.items() if gone}
+    assert all((tmp_path / name).exists() != gone for name, (gone, _) in tmp.items())
+    assert (tmp_path / "s" / MANIFEST).is_file()
+
+
+def test_a_recent_write_deep_inside_keeps_an_unverifiable_leftover(tmp_path):
+    old = time.time() - STALE_SECONDS - 60
+    path = tmp_path / ".tmp-long-0123abcd"
+    (path / "checkpoint-9").mkdir(parents=True)
+    (path / "checkpoint-9" / "step.json").write_text("{}")  # a long training still writing, deep inside
+    os.utime(path, (old, old))
+    assert Run("t", root=tmp_path, quiet=True).swept == [] and path.is_dir()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_follow_the_umask_so_a_group_can_read_them(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "results.md", "| a |\n")
+        art = Run("t", root=tmp_path, quiet=True).stage("s", {}, _writer([]))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "results.md").stat().st_mode) == mode
+    assert stat.S_IMODE((art.path / MANIFEST).stat().st_mode) == mode

@@ -147,9 +147,9 @@ def test_expo_with_chosen_alpha_lowers_the_harmful_score(tiny_home, method):
 
 # ------------------------------------------------------------------------------------------- 05
 def test_nlsr_restores_safety_of_the_attacked_dpo_model(tiny_home):
-    """DPO, SST-2, p = 0.1 (issue 5's target, measured 72 % recovery, −0.2 accuracy, 25.6 vs 37.2 random mask):
-    NLSR recovers ≥ 50 % of the attack's harmful-score rise, costs ≤ 5 accuracy points and ends below no defence
-    and below the random-mask control of the same size."""
+    """DPO, SST-2, p = 0.1 (issue 5's target; the measured values are in results/tiny/05_restoration.json and the
+    README): NLSR recovers ≥ 50 % of the attack's harmful-score rise, costs ≤ 5 accuracy points and ends below no
+    defence and below the random-mask control of the same size."""
     from nlsr_lib import restoration
 
     params = tiny_home
@@ -171,10 +171,10 @@ def test_nlsr_restores_safety_of_the_attacked_dpo_model(tiny_home):
 
 # ------------------------------------------------------------------------------------------- 06
 def test_region_fusion_and_learned_mask_are_safer_than_their_baselines(tiny_home):
-    """Fusing the aligned DPO adapter with the one attacked on SST-2 at p = 0.1 (measured: task arithmetic 25.0 at
-    78.0 accuracy, projected out of the safety subspaces 18.4 at 77.8; learned mask 21.8 at 80.4, its permuted
-    control 45.2): the rank-level region fusion is safer than plain task arithmetic at comparable accuracy (issue 6),
-    and the learned mask is safer than the same mask with its entries permuted within each tensor."""
+    """Fusing the aligned DPO adapter with the one attacked on SST-2 at p = 0.1 (the measured values are in
+    results/tiny/06_model_fusion.json and the README): the rank-level region fusion is safer than plain task
+    arithmetic at comparable accuracy (issue 6), and the learned mask is safer than the same mask with its entries
+    permuted within each tensor by more than 10 points."""
     from nlsr_lib import model_fusion
 
     params = tiny_home
