@@ -851,9 +851,6 @@ def resolve_params_path(path: str | Path) -> Path:
     * a relative path is relative to the **repository root** (:data:`nlsr_lib.paths.PROJECT_ROOT`), whatever the
       current directory: ``params/smoke.yaml`` means the same file in a notebook's kernel (which runs in
       ``notebooks/``), under ``papermill`` started from the root and in a test;
-    * transitional: if there is no such file under the root but there is one relative to the current directory,
-      that one is used, so a parameters cell that still says ``../params/tiny.yaml`` keeps working from
-      ``notebooks/`` (write ``params/tiny.yaml`` instead);
     * ``extends:`` inside a params file is relative to the file that contains it (see :func:`_read_yaml`).
 
     The ``nlsr`` command line differs in one way, as every command-line tool does: a path typed on it is first
@@ -865,10 +862,7 @@ def resolve_params_path(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
-    rooted = PROJECT_ROOT / p
-    if not rooted.is_file() and p.is_file():
-        return p.resolve()
-    return rooted
+    return PROJECT_ROOT / p
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
@@ -877,9 +871,8 @@ def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     if not resolved.is_file():
         from .paths import PROJECT_ROOT
 
-        tried = [str(resolved)] + ([str(Path(path).resolve())] if not Path(path).expanduser().is_absolute() else [])
-        raise ParamsError(f"params file not found: {path} (looked for {' and '.join(dict.fromkeys(tried))}; a relative "
-                          f"path is relative to the repository root {PROJECT_ROOT})")
+        raise ParamsError(f"params file not found: {path} (looked for {resolved}; a relative path is relative to "
+                          f"the repository root {PROJECT_ROOT})")
     raw = _apply_overrides(_read_yaml(resolved), overrides or {})
     params = _build(Params, raw)
     for check in _CROSS_CHECKS:

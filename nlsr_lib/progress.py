@@ -11,7 +11,7 @@ It is read from ``NLSR_PROGRESS`` (``bars`` | ``lines`` | ``off``); without it, 
 ``0``) or ``CI`` mean ``off``, anything else ``bars``.
 
 :func:`quiet_libraries` silences what the libraries print that is not a finding: the datasets library's
-"Saving the dataset" bars, transformers' advisory notes and the known deprecation chatter of
+"Saving the dataset" bars, the hub's bars outside the ``bars`` mode (transformers' "Loading weights"), transformers' advisory notes and the known deprecation chatter of
 :data:`NOISE`. Real warnings (anything else) still surface; notes that a call site can avoid are avoided there
 (e.g. ``remove_unused_columns=False`` for the pairwise trl trainers).
 """
@@ -71,6 +71,8 @@ def quiet_libraries() -> None:
     _CONFIGURED = True
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if mode() != "bars":  # the hub's bars too (transformers' "Loading weights" for every model load)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for category, message in NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
     if "datasets" in sys.modules:  # imported before nlsr_lib: the variable above is read at import

@@ -12,8 +12,10 @@ also the broken ``.safetensors`` file of the run directory, which the kernel's m
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,19 @@ def failing_cell(executed: Path) -> tuple[int | None, str, str]:
     return None, "unknown error", ""
 
 
+@contextmanager
+def headless_progress():
+    """The kernels papermill starts inherit ``NLSR_PROGRESS=lines`` (one line per stage, no bars in the executed
+    notebook) unless the caller set a mode of their own (nlsr_lib/progress.py)."""
+    before = os.environ.get("NLSR_PROGRESS")
+    os.environ.setdefault("NLSR_PROGRESS", "lines")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("NLSR_PROGRESS", None)
+
+
 def execute(notebook: Path, executed: Path, params_path: Path, kernel_name: str = "python3",
             progress: bool = False) -> float:
     """Execute one notebook with papermill (kernel in the notebook's folder, ``params_file`` injected) into
@@ -106,9 +121,10 @@ def execute(notebook: Path, executed: Path, params_path: Path, kernel_name: str 
 
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(notebook), str(executed), parameters={"params_file": str(params_path)},
-                            cwd=str(notebook.parent), kernel_name=kernel_name, progress_bar=progress,
-                            log_output=False)
+        with headless_progress():
+            pm.execute_notebook(str(notebook), str(executed), parameters={"params_file": str(params_path)},
+                                cwd=str(notebook.parent), kernel_name=kernel_name, progress_bar=progress,
+                                log_output=False)
     except pm.PapermillExecutionError as err:
         if executed.is_file():
             index, error, source = failing_cell(executed)

@@ -23,7 +23,7 @@
 # Every heavy step is a cached stage of `nlsr_lib.pipeline`; re-running this notebook reuses them.
 
 # %% tags=["parameters"]
-params_file = "../params/tiny.yaml"
+params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
 
 # %%
 import pandas as pd

@@ -24,7 +24,7 @@
 # * DPO on SST-2 across mixture sizes n at a fixed ratio.
 
 # %% tags=["parameters"]
-params_file = "../params/tiny.yaml"
+params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
 
 # %%
 import pandas as pd

@@ -27,7 +27,7 @@
 # Row-wise scorers keep ⌈(1 − s)·n⌉ entries of every row, so on rows of r entries the density is ⌈(1 − s)·r⌉ / r.
 
 # %% tags=["parameters"]
-params_file = "../params/tiny.yaml"
+params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
 
 # %%
 import pandas as pd

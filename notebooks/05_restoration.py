@@ -29,7 +29,7 @@
 # accuracy (the paper's lenient rule).
 
 # %% tags=["parameters"]
-params_file = "../params/tiny.yaml"
+params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
 
 # %%
 import pandas as pd

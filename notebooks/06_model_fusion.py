@@ -32,7 +32,7 @@
 # the fused tasks (the paper's lenient rule).
 
 # %% tags=["parameters"]
-params_file = "../params/tiny.yaml"
+params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
 
 # %%
 import pandas as pd

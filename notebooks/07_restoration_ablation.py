@@ -22,7 +22,7 @@
 # Dashed lines: the model before the attack (`aligned`) and the attacked model.
 
 # %% tags=["parameters"]
-params_file = "../params/tiny.yaml"
+params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
 
 # %%
 import pandas as pd

@@ -194,7 +194,7 @@ def test_a_relative_params_path_is_relative_to_the_repository_root(tmp_path, mon
     (tmp_path / "params" / "smoke.yaml").write_text("profile: impostor\n")
     assert load_params("params/smoke.yaml").profile == "smoke"  # the root wins over the current directory
     monkeypatch.chdir(PROJECT_ROOT / "notebooks")
-    assert load_params("../params/smoke.yaml").profile == "smoke"  # transitional: the old notebook default
+    assert load_params("params/smoke.yaml").profile == "smoke"  # the notebooks' default, from their folder
     with pytest.raises(ParamsError, match=r"params file not found: params/nope\.yaml \(looked for .*relative to "
                                           r"the repository root"):
         load_params("params/nope.yaml")

@@ -11,6 +11,26 @@ from nlsr_lib.reproduce import NOTEBOOKS_DIR, NotebookFailure, reproduce
 
 pytestmark = pytest.mark.notebook
 
+FIGURES = {"01_alignment": 1, "02_harmful_finetuning": 2, "03_safety_reference": 1, "04_safety_regions": 3,
+           "05_restoration": 2, "06_model_fusion": 2, "07_restoration_ablation": 2}
+MAX_STDERR_OUTPUTS = 3  # "a handful": library noise and bars are off under reproduce, real warnings may remain
+
+
+def outputs_of(notebook: str) -> list[dict]:
+    executed = json.loads((runs_dir("smoke") / "executed" / f"{notebook}.ipynb").read_text())
+    return [o for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+
+
+def assert_figures_inline_and_quiet(notebook: str) -> None:
+    """Every figure the notebook saves is also shown in its cell (an image/png output), and the executed notebook
+    carries at most a handful of stderr outputs (no progress-bar text, no library notes)."""
+    outputs = outputs_of(notebook)
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    stderr = ["".join(o["text"])[:200] for o in outputs if o.get("output_type") == "stream" and o["name"] == "stderr"]
+    assert len(images) == FIGURES[notebook], f"{notebook}: {len(images)} inline figures"
+    assert len(stderr) <= MAX_STDERR_OUTPUTS, f"{notebook}: {len(stderr)} stderr outputs: {stderr}"
+    assert not any(k in str(o.get("data", {})) for o in outputs for k in ("widget-view",)), "progress widgets"
+
 
 def test_notebook_01_alignment_smoke(nlsr_home):
     timings = reproduce("params/smoke.yaml", only="01", log=lambda *_: None)
@@ -27,6 +47,7 @@ def test_notebook_01_alignment_smoke(nlsr_home):
     assert json.loads((results_dir("smoke") / "01_alignment.json").read_text()) == records
     executed = (runs_dir("smoke") / "executed" / "01_alignment.ipynb").read_text()
     assert "stages built in this run: none (all cached)" in executed
+    assert_figures_inline_and_quiet("01_alignment")
 
 
 def test_failing_notebook_reports_cell_error_and_path(nlsr_home, tmp_path):
@@ -84,3 +105,9 @@ def test_notebooks_02_onward_smoke(nlsr_home):
                  "05_layer_similarity", "06_fusion_scatter", "06_learned_mask_training", "07_ablation_curves",
                  "07_ablation_choices"):
         assert (figures_dir("smoke") / f"{name}.png").is_file()
+    for notebook in FIGURES:
+        if notebook != "01_alignment":
+            assert_figures_inline_and_quiet(notebook)
+    for name in ("02_harmful_finetuning", "03_safety_reference", "05_restoration", "06_model_fusion",
+                 "07_restoration_ablation"):  # every table reports the share of empty answers beside the score
+        assert all(0 <= r["empty"] <= 100 for r in json.loads((results_dir("smoke") / f"{name}.json").read_text()))

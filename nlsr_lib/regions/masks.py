@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,8 +35,7 @@ def atomic_save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # created 0666 & ~umask, not mkstemp's 0600
     try:
         save_file(dict(tensors), tmp, metadata=meta)
         os.replace(tmp, path)
