@@ -18,6 +18,17 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 @pytest.fixture()
+def one_torch_thread():
+    """Torch kernels on one thread for the test (small models run faster and deterministically so)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
 def nlsr_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("NLSR_HOME", str(tmp_path))
     return tmp_path

@@ -19,12 +19,7 @@ from nlsr_lib.fusion.learned_mask import (
 PROJ = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(seed: int, shapes=(("a", (4, 6)), ("b", (6, 4)))) -> dict[str, torch.Tensor]:
@@ -110,16 +105,23 @@ def test_fusion_multi_task_merges_the_masked_vectors():
         Fusion(aligned, [{"a": taus[0]["a"]}])
 
 
-@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
-def test_gradient_reaches_every_logit_tensor_through_every_operator(method):
+def _backprop_through_fusion(method: str, scope: str):
+    """A relaxed mask through ``method`` at ``scope`` over three random task vectors, a random linear loss
+    backpropagated; returns (aligned, taus, merge params, mask)."""
     aligned = _state(0)
     taus = [{k: v - aligned[k] for k, v in _state(s).items()} for s in (1, 2, 3)]
     params = {"k": 1} if method.startswith("consensus") else {}
-    fusion = Fusion(aligned, taus, merge=method, merge_params=params, scope="global")
+    fusion = Fusion(aligned, taus, merge=method, merge_params=params, scope=scope)
     mask = ConcreteMask({k: v.shape for k, v in aligned.items()})
     weights = _state(9)
     state = fusion.state(mask.relaxed(torch.Generator().manual_seed(0)))
     sum((state[k] * weights[k]).sum() for k in state).backward()
+    return aligned, taus, params, mask
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_gradient_reaches_every_logit_tensor_through_every_operator(method):
+    aligned, taus, _, mask = _backprop_through_fusion(method, "global")
     for key, logits in mask.items():
         assert logits.grad is not None and float(logits.grad.abs().sum()) > 0, (method, key)
     for tv, fresh in zip(taus, [{k: v - aligned[k] for k, v in _state(s).items()} for s in (1, 2, 3)]):
@@ -228,14 +230,7 @@ def test_permuted_control_keeps_counts_not_positions():
 def test_trimming_merges_at_tensor_scope_train_with_finite_gradients(method, peft_model):
     """The trim threshold is a constant w.r.t. the logits: at scope ``tensor`` it is computed on detached values
     (it used to call ``numpy()`` on a tensor that requires grad), and the gradient reaches every logit tensor."""
-    aligned = _state(0)
-    taus = [{k: v - aligned[k] for k, v in _state(s).items()} for s in (1, 2, 3)]
-    params = {"k": 1} if method.startswith("consensus") else {}
-    fusion = Fusion(aligned, taus, merge=method, merge_params=params, scope="tensor")
-    mask = ConcreteMask({k: v.shape for k, v in aligned.items()})
-    weights = _state(9)
-    state = fusion.state(mask.relaxed(torch.Generator().manual_seed(0)))
-    sum((state[k] * weights[k]).sum() for k in state).backward()
+    _, _, params, mask = _backprop_through_fusion(method, "tensor")
     for key, logits in mask.items():
         assert logits.grad is not None and bool(torch.isfinite(logits.grad).all()), (method, key)
         assert float(logits.grad.abs().sum()) > 0, (method, key)
