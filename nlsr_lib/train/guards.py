@@ -14,7 +14,7 @@ import math
 def check_finite_loss(loss, where: str, step: int) -> float:
     """``float(loss)`` (a number or a one-element tensor), or ``FloatingPointError`` naming ``where`` (what is
     training), ``step`` (the 1-based optimizer step) and the value when it is NaN or ±inf."""
-    value = float(loss)
+    value = float(loss.detach() if hasattr(loss, "detach") else loss)
     if not math.isfinite(value):
         raise FloatingPointError(
             f"{where}: non-finite training loss {value} at step {step}; training stopped (lower the learning rate, "
