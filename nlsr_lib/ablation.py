@@ -32,6 +32,7 @@ from typing import Any, Callable
 from .attack import attack_stage
 from .config import Params
 from .pipeline import ModelRef
+from .registry import Registry
 from .runs import Run
 
 
@@ -55,18 +56,13 @@ class Ablation:
     controls: bool  # also run the random-mask control at every value
 
 
-ABLATIONS: dict[str, Ablation] = {}
+ABLATIONS: Registry[Ablation] = Registry("ablation", make=Ablation)
 
 
 def register_ablation(name: str, values: Callable[[Params], tuple], default: Callable[[Params], Any],
                       controls: bool = False):
     """Decorator: add ``fn(params, value) -> Point`` to :data:`ABLATIONS` with its values and the profile's value."""
-
-    def deco(fn: Callable[[Params, Any], Point]) -> Callable[[Params, Any], Point]:
-        ABLATIONS[name] = Ablation(name, fn, values, default, controls)
-        return fn
-
-    return deco
+    return ABLATIONS.register(name, values=values, default=default, controls=controls)
 
 
 def _restore(params: Params, **changes) -> Params:
@@ -135,8 +131,6 @@ def _strategy(params: Params, value: str) -> Point:
 
 
 def get_ablation(name: str) -> Ablation:
-    if name not in ABLATIONS:
-        raise ValueError(f"unknown ablation {name!r}; allowed: {', '.join(ABLATIONS)}")
     return ABLATIONS[name]
 
 

@@ -2,7 +2,7 @@
 
 * ``nlsr reproduce --params params/tiny.yaml [--only 01] [--from 02]`` runs the notebooks with papermill.
 * ``nlsr stage NAME --params FILE [--method M] [--force]`` runs one stage (under ``accelerate launch`` for
-  multi-GPU training); stage names come from :data:`STAGES`.
+  multi-GPU training); stage names come from :data:`STAGES`. ``nlsr stage list`` lists them, one line each.
 * ``nlsr params FILE`` validates a params file and prints it fully resolved.
 * ``nlsr bench NAME [ARGS...]`` runs one benchmark of ``benchmarks/NAME.py`` (its ``main(argv)``); the
   benchmark prints one JSON object as its last line. ``nlsr bench all`` runs every one in turn.
@@ -27,21 +27,37 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .config import ALIGNMENT_METHOD_NAMES, dump_params, load_params
+from .config import dump_params, load_params
 from .errors import Interrupted, NlsrError, UsageError, explain_unreadable_safetensors, one_line
+from .names import ALIGNMENT_METHODS
+from .registry import Registry
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def _stage(fn_name: str, needs_method: bool = False) -> Callable:
-    def call(params, run, args):
+@dataclass(frozen=True)
+class CliStage:
+    """A stage the command line runs: the function ``function`` of :mod:`nlsr_lib.pipeline`."""
+
+    function: str
+    needs_method: bool = False
+
+    def stage_function(self):
         from . import pipeline
 
-        fn = getattr(pipeline, fn_name)
-        if needs_method:
+        return getattr(pipeline, self.function)
+
+    @property
+    def doc(self) -> str:
+        """The stage function's docstring summary (its first paragraph) on one line."""
+        return one_line((self.stage_function().__doc__ or "").strip().split("\n\n")[0])
+
+    def __call__(self, params, run, args):
+        fn = self.stage_function()
+        if self.needs_method:
             if not args.method:
                 raise UsageError(f"stage {args.name} needs --method (one of {', '.join(params.alignment.methods)})")
             if args.method not in params.alignment.methods:
@@ -52,16 +68,20 @@ def _stage(fn_name: str, needs_method: bool = False) -> Callable:
             raise UsageError(f"stage {args.name} takes no --method (only align does)")
         return fn(params, run)
 
-    return call
+
+STAGES: Registry[CliStage] = Registry("stage")
+STAGES.register("world", CliStage("world_stage"))
+STAGES.register("tokenizer", CliStage("tokenizer_stage"))
+STAGES.register("base_model", CliStage("base_model_stage"))
+STAGES.register("moderation", CliStage("moderation_stage"))
+STAGES.register("align", CliStage("align_stage", needs_method=True))
+LIST = "list"  # ``nlsr stage list``
 
 
-STAGES: dict[str, Callable] = {
-    "world": _stage("world_stage"),
-    "tokenizer": _stage("tokenizer_stage"),
-    "base_model": _stage("base_model_stage"),
-    "moderation": _stage("moderation_stage"),
-    "align": _stage("align_stage", needs_method=True),
-}
+def stage_lines() -> list[str]:
+    """``nlsr stage list``: one line per stage, its name and its function's docstring summary."""
+    width = max(map(len, STAGES))
+    return [f"{name:<{width}}  {stage.doc}" for name, stage in STAGES.items()]
 
 
 def cli_path(path: str) -> str:
@@ -108,10 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--only", help="run only this notebook number: 01 ... 07")
     rep.add_argument("--from", dest="start", help="start at this notebook number: 01 ... 07")
 
-    st = sub.add_parser("stage", help="run one pipeline stage")
-    st.add_argument("name", choices=sorted(STAGES))
+    st = sub.add_parser("stage", help="run one pipeline stage ('nlsr stage list' lists them)")
+    st.add_argument("name", choices=[*sorted(STAGES), LIST], help="a stage, or 'list' to list the stages")
     st.add_argument("--params", default="params/tiny.yaml")
-    st.add_argument("--method", choices=ALIGNMENT_METHOD_NAMES, help="alignment method of the align stage")
+    st.add_argument("--method", choices=ALIGNMENT_METHODS.names(), help="alignment method of the align stage")
     st.add_argument("--force", action="store_true", help="recompute this stage even if cached")
 
     pa = sub.add_parser("params", help="validate a params file and print it resolved")
@@ -174,6 +194,9 @@ def _dispatch(args: argparse.Namespace, state: dict) -> int:
             return EXIT_FAILED
         for name, seconds in timings:
             print(f"[nlsr] {name}: {seconds:.1f}s")
+        return 0
+    if args.name == LIST:
+        print("\n".join(stage_lines()))
         return 0
     from .runs import Run
 

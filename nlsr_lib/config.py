@@ -7,13 +7,16 @@ allowed. Numbers written as ``1e-5`` (a string to YAML 1.1) are accepted where a
 infinities (``.nan``, ``.inf``) are refused everywhere. A YAML syntax error names the file and the line.
 
 Cross checks (``_CROSS_CHECKS``) refuse what would pass field by field and fail late, hours into a run: an
-unknown method, scorer or device, ``fusion.method`` / ``ablation.method`` not trained by ``alignment.methods``,
+unknown device, ``fusion.method`` / ``ablation.method`` not trained by ``alignment.methods``,
 and ``lora.target_modules`` that match no module of the model (:func:`check_target_modules`, when the model's
 architecture is known on this machine: :func:`model_module_names`). Where a relative params path points is
 decided by :func:`resolve_params_path`.
 
 Every field's metadata may carry ``range=(lo, hi)`` (inclusive; ``None`` = unbounded), ``open_hi=True`` (hi
-excluded) or ``choices=(...)``; :func:`_check_value` enforces them.
+excluded) or ``choices=``: a tuple, or a registry family (:mod:`nlsr_lib.names`, or a light module's
+:class:`~nlsr_lib.registry.Registry` such as :data:`~nlsr_lib.data.tasks.TASKS`), whose errors read
+``key: unknown <kind> 'x'; registered: a, b, c``; on a list field every item must be a choice. :func:`_check_value`
+enforces them. None of this imports torch: ``import nlsr_lib.config`` stays light.
 """
 
 from __future__ import annotations
@@ -29,18 +32,22 @@ from typing import Any, Mapping
 
 import yaml
 
+from .data.tasks import TASKS
 from .errors import NlsrError
+from .names import (ALIGNMENT_METHODS, CORRECTIONS, DEFENCES, JUDGES, MERGE_METHODS, REGION_SCORERS,
+                    RESTORE_STRATEGIES, SIMILARITIES)
+from .registry import Names, Registry, unknown_message
 
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALIGNMENT_METHOD_NAMES = ("sft", "dpo", "orpo", "kto", "simpo")
+PREFERENCE_METHODS = ALIGNMENT_METHODS.names()[1:]  # every alignment method but sft (they train on W_sft)
 
 
 class ParamsError(NlsrError, ValueError):
     """A params file or override is invalid; the message names the key (or the file and line) and what is allowed."""
 
 
-def _f(default: Any, *, range: tuple | None = None, choices: tuple | None = None, open_hi: bool = False,
-       doc: str = "") -> Any:
+def _f(default: Any, *, range: tuple | None = None, choices: tuple | Names | Registry | None = None,
+       open_hi: bool = False, doc: str = "") -> Any:
     meta = {"range": range, "choices": choices, "open_hi": open_hi, "doc": doc}
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults")
@@ -183,7 +190,7 @@ def _train(**kw: Any) -> Any:
 class AlignmentConfig:
     """Alignment stages (spec/nlsr.md §1.1-1.2): SFT LoRA merged into W_sft, then preference LoRAs on W_sft."""
 
-    methods: tuple[str, ...] = _f(ALIGNMENT_METHOD_NAMES)
+    methods: tuple[str, ...] = _f(ALIGNMENT_METHODS.names(), choices=ALIGNMENT_METHODS)
     sft: TrainConfig = _train(learning_rate=1e-4, epochs=1.0, batch_size=1, grad_accum=16)
     dpo: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=0.1)
     orpo: TrainConfig = _train(learning_rate=2e-4, epochs=1.0, batch_size=1, grad_accum=8, beta=0.5)
@@ -192,14 +199,11 @@ class AlignmentConfig:
 
 
 # --------------------------------------------------------------------------------------------- attack, EXPO
-TASK_NAMES = ("sst2", "ag_news", "gsm8k")
-
-
 @dataclass(frozen=True)
 class AttackConfig:
     """Harmful fine-tuning (spec/nlsr.md §1.2, §2.4): the aligned adapter trained further on a poisoned mixture."""
 
-    tasks: tuple[str, ...] = _f(TASK_NAMES)
+    tasks: tuple[str, ...] = _f(TASKS.names(), choices=TASKS)
     n: int = _f(1000, range=(1, None), doc="fine-tuning examples per mixture")
     poison_ratios: tuple[float, ...] = _f((0.0, 0.01, 0.05, 0.1, 0.2, 0.3))
     sizes: tuple[int, ...] = _f((100, 500, 1000, 2000, 2500), doc="mixture sizes n of the size sweep")
@@ -217,14 +221,10 @@ class ExpoConfig:
 
     mode: str = _f("paper", choices=("paper", "factor_scaling"))
     alphas: tuple[float, ...] = _f((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
-    methods: tuple[str, ...] = _f(ALIGNMENT_METHOD_NAMES)
+    methods: tuple[str, ...] = _f(ALIGNMENT_METHODS.names(), choices=ALIGNMENT_METHODS)
 
 
 # --------------------------------------------------------------------------------------------- safety regions
-REGION_SCORER_NAMES = ("wanda", "snip", "preference_snip", "random", "low_rank", "wanda_set_difference",
-                       "snip_set_difference")
-
-
 @dataclass(frozen=True)
 class RegionCalibrationConfig:
     """Calibration set of the region scorers (spec/nlsr.md §2.5): n rows sampled with the seed."""
@@ -257,7 +257,7 @@ class SetDifferenceConfig:
 class RegionsConfig:
     """Safety-critical region scorers -> masks (spec/nlsr.md §4, DESIGN.md §6)."""
 
-    scorers: tuple[str, ...] = _f(("low_rank", "wanda", "snip", "preference_snip", "random"))
+    scorers: tuple[str, ...] = _f(("low_rank", "wanda", "snip", "preference_snip", "random"), choices=REGION_SCORERS)
     mask_sparsity: float = _f(0.8, range=(0.0, 1.0), open_hi=True, doc="pruned share; the mask keeps ⌈(1-s)·n⌉")
     rank_keep_ratio: float = _f(0.8, range=(0.0, 1.0), doc="low_rank: q = ⌊min(o, k)·ratio⌋ directions kept")
     svd: str = _f("exact", choices=("exact", "randomized"), doc="low_rank eigendecomposition")
@@ -273,9 +273,6 @@ class RegionsConfig:
 
 
 # --------------------------------------------------------------------------------------------- model fusion
-FUSION_OPERATOR_NAMES = ("weight_averaging", "task_arithmetic", "ties", "dare", "consensus_ta", "consensus_ties")
-
-
 @dataclass(frozen=True)
 class LearnedMaskConfig:
     """SOMF's learned safety mask (spec/somf.md §2, §2.7, §6): concrete-mask logits over the task vectors, trained
@@ -292,7 +289,7 @@ class LearnedMaskConfig:
     batch_size: int = _f(16, range=(1, None), doc="preference pairs per step (SOMF: effective batch 16)")
     n_pairs: int = _f(5000, range=(1, None), doc="safety preference pairs (SOMF: 5,135 from the SafeRLHF test split)")
     max_length: int = _f(1024, range=(8, None), doc="tokens per sequence (SOMF cutoff_len 1024)")
-    merge: str = _f("task_arithmetic", choices=FUSION_OPERATOR_NAMES,
+    merge: str = _f("task_arithmetic", choices=MERGE_METHODS,
                     doc="Merge of the masked task vectors when there are several (one task: identity, somf §3.6)")
     export: str = _f("threshold", choices=("threshold", "bernoulli", "soft"),
                      doc="b = 1[σ(L) > 0.5] (somf §6.3) | one seeded Bernoulli(σ(L)) sample (SOMF code) | σ(L)")
@@ -304,7 +301,7 @@ class FusionConfig:
     """Model fusion (spec/somf.md §3, spec/merging.md §1-2; nlsr_lib/fusion): the papers' values, SOMF's where the
     papers leave a choice open."""
 
-    operators: tuple[str, ...] = _f(FUSION_OPERATOR_NAMES)
+    operators: tuple[str, ...] = _f(MERGE_METHODS.names(), choices=MERGE_METHODS)
     lam: float = _f(0.3, range=(0.0, None), doc="λ of task arithmetic, DARE and Consensus TA (SOMF multi-task 0.3)")
     ties_lambda: float = _f(1.0, range=(0.0, None), doc="λ of TIES / Consensus TIES (paper 1.0; SOMF 0.4 with sum)")
     ties_density: float = _f(0.2, range=(0.0, 1.0), doc="TIES keeps the top ⌊density·D⌋ magnitudes")
@@ -322,18 +319,14 @@ class FusionConfig:
     head_fraction: float = _f(0.1, range=(0.0, 1.0), doc="share of attention heads forming the head-level region")
     max_shard_size: int = _f(5_000_000_000, range=(1, None), doc="bytes per output safetensors shard")
     device: str = _f("cpu", doc="where merges compute: 'cpu', 'cuda' or 'cuda:N'")
-    method: str = _f("dpo", choices=ALIGNMENT_METHOD_NAMES[1:], doc="notebook 06 fuses this method's adapters")
+    method: str = _f("dpo", choices=PREFERENCE_METHODS, doc="notebook 06 fuses this method's adapters")
     poison_ratio: float = _f(0.1, range=(0.0, 1.0), doc="notebook 06 fuses the task adapters attacked at this ratio")
-    region_operator: str = _f("task_arithmetic", choices=FUSION_OPERATOR_NAMES,
+    region_operator: str = _f("task_arithmetic", choices=MERGE_METHODS,
                               doc="the operator whose update the region fusions restrict")
     learned_mask: LearnedMaskConfig = _sub(LearnedMaskConfig)
 
 
 # --------------------------------------------------------------------------------------------- restoration
-RESTORE_STRATEGY_NAMES = ("adaptive", "threshold", "layers", "all")
-DEFENCE_NAMES = ("none", "nlsr", "safelora", "resta", "aligned_adapter", "random_mask")
-
-
 @dataclass(frozen=True)
 class SafeLoraConfig:
     """SafeLoRA baseline (spec/nlsr.md §5.6, §7; DESIGN.md §6): V = the aligned adapter's update κ·B·A."""
@@ -363,12 +356,13 @@ class RestoreConfig:
     """NLSR restoration (spec/nlsr.md §5; canonical run §1.1: adaptive, ρ = 0.5, ε = 0.2, seed 42) and the
     training-free baselines (nlsr_lib/restore)."""
 
-    defences: tuple[str, ...] = _f(DEFENCE_NAMES)
-    strategy: str = _f("adaptive", choices=RESTORE_STRATEGY_NAMES,
+    defences: tuple[str, ...] = _f(("none", "nlsr", "safelora", "resta", "aligned_adapter", "random_mask"),
+                                   choices=DEFENCES, doc="the defences the notebooks run (default: every one)")
+    strategy: str = _f("adaptive", choices=RESTORE_STRATEGIES,
                        doc="probability-based layer pruning (§5.5) | threshold (§5.4) | layers (§5.7) | all")
-    correction: str = _f("neuron", choices=("neuron", "module"),
+    correction: str = _f("neuron", choices=CORRECTIONS,
                          doc="masked entries take the reference values (§5.3) | whole selected modules")
-    similarity: str = _f("gram", choices=("gram", "explicit"), doc="Gram identity (exact, fast) | d_out×d_in products")
+    similarity: str = _f("gram", choices=SIMILARITIES, doc="Gram identity (exact, fast) | d_out×d_in products")
     prune_rate: float = _f(0.5, range=(0.0, 1.0), doc="ρ: expected share of modules restored (adaptive)")
     epsilon: float = _f(0.2, range=(0.0, 1.0), doc="ε: probabilities ρ±ε, linear in similarity rank (adaptive)")
     favor: str = _f("low_similarity", choices=("low_similarity", "high_similarity"),
@@ -386,15 +380,15 @@ class AblationConfig:
     """Notebook 07: one-factor sweeps around the canonical NLSR run (spec/nlsr.md §5, §9; DESIGN.md §6) on the
     adapter of ``method`` attacked on ``task`` at ``poison_ratio``; every other parameter keeps its profile value."""
 
-    method: str = _f("dpo", choices=ALIGNMENT_METHOD_NAMES)
-    task: str = _f("sst2")
+    method: str = _f("dpo", choices=ALIGNMENT_METHODS)
+    task: str = _f("sst2", choices=TASKS)
     poison_ratio: float = _f(0.1, range=(0.0, 1.0))
     mask_sparsity: tuple[float, ...] = _f((0.5, 0.7, 0.8, 0.9, 0.95))
     rank_keep_ratio: tuple[float, ...] = _f((0.2, 0.5, 0.8, 0.95))
     prune_rate: tuple[float, ...] = _f((0.1, 0.3, 0.5, 0.7, 0.9))
     epsilon: tuple[float, ...] = _f((0.0, 0.1, 0.2, 0.3, 0.4))
     tau: tuple[float, ...] = _f((0.2, 0.4, 0.6, 0.8, 0.9))
-    scorers: tuple[str, ...] = _f(("wanda", "snip", "preference_snip", "low_rank", "random"))
+    scorers: tuple[str, ...] = _f(("wanda", "snip", "preference_snip", "low_rank", "random"), choices=REGION_SCORERS)
     seeds: tuple[int, ...] = _f((42, 43, 44, 45, 46), doc="the adaptive draw and the random mask")
 
 
@@ -425,8 +419,8 @@ class ModerationConfig:
 
 @dataclass(frozen=True)
 class JudgesConfig:
-    primary: str = _f("moderation", choices=("moderation", "keyword"))
-    enabled: tuple[str, ...] = _f(("moderation", "keyword"))
+    primary: str = _f("moderation", choices=JUDGES)
+    enabled: tuple[str, ...] = _f(("moderation", "keyword"), choices=JUDGES)
     moderation: ModerationConfig = _sub(ModerationConfig)
 
 
@@ -467,23 +461,14 @@ def _cross_check(fn: typing.Callable[[Params], None]) -> typing.Callable[[Params
 
 @_cross_check
 def _check_methods(p: Params) -> None:
-    for m in p.alignment.methods:
-        if m not in ALIGNMENT_METHOD_NAMES:
-            raise ParamsError(f"alignment.methods: unknown method {m!r}; allowed: {', '.join(ALIGNMENT_METHOD_NAMES)}")
     if "sft" not in p.alignment.methods:
         raise ParamsError("alignment.methods must include 'sft': every preference method trains on W_sft")
-    for j in p.judges.enabled:
-        if j not in ("moderation", "keyword"):
-            raise ParamsError(f"judges.enabled: unknown judge {j!r}; allowed: moderation, keyword")
     if p.judges.primary not in p.judges.enabled:
         raise ParamsError(f"judges.primary {p.judges.primary!r} must be one of judges.enabled {list(p.judges.enabled)}")
 
 
 @_cross_check
 def _check_attack_and_expo(p: Params) -> None:
-    for task in p.attack.tasks:
-        if task not in TASK_NAMES:
-            raise ParamsError(f"attack.tasks: unknown task {task!r}; allowed: {', '.join(TASK_NAMES)}")
     for ratio in p.attack.poison_ratios:
         if not 0.0 <= ratio <= 1.0:
             raise ParamsError(f"attack.poison_ratios: {ratio} is outside [0, 1]")
@@ -497,26 +482,8 @@ def _check_attack_and_expo(p: Params) -> None:
 
 
 @_cross_check
-def _check_regions(p: Params) -> None:
-    for name in p.regions.scorers:
-        if name not in REGION_SCORER_NAMES:
-            raise ParamsError(f"regions.scorers: unknown scorer {name!r}; allowed: {', '.join(REGION_SCORER_NAMES)}")
-
-
-@_cross_check
-def _check_fusion(p: Params) -> None:
-    for name in p.fusion.operators:
-        if name not in FUSION_OPERATOR_NAMES:
-            allowed = ", ".join(FUSION_OPERATOR_NAMES)
-            raise ParamsError(f"fusion.operators: unknown operator {name!r}; allowed: {allowed}")
-
-
-@_cross_check
 def _check_restore(p: Params) -> None:
     r = p.restore
-    for name in r.defences:
-        if name not in DEFENCE_NAMES:
-            raise ParamsError(f"restore.defences: unknown defence {name!r}; allowed: {', '.join(DEFENCE_NAMES)}")
     if len(r.layers) != 2 or not 0 <= r.layers[0] <= r.layers[1]:
         raise ParamsError(f"restore.layers: expected [a, b] with 0 <= a <= b (layers a <= i < b), got {list(r.layers)}")
     if r.strategy == "layers" and r.layers[0] == r.layers[1]:
@@ -530,11 +497,6 @@ def _check_restore(p: Params) -> None:
 @_cross_check
 def _check_ablation(p: Params) -> None:
     a = p.ablation
-    if a.task not in TASK_NAMES:
-        raise ParamsError(f"ablation.task: unknown task {a.task!r}; allowed: {', '.join(TASK_NAMES)}")
-    for name in a.scorers:
-        if name not in REGION_SCORER_NAMES:
-            raise ParamsError(f"ablation.scorers: unknown scorer {name!r}; allowed: {', '.join(REGION_SCORER_NAMES)}")
     for key in ("mask_sparsity", "rank_keep_ratio", "prune_rate", "epsilon", "tau"):
         lo, hi = (-1.0, 1.0) if key == "tau" else (0.0, 1.0)
         for v in getattr(a, key):
@@ -713,7 +675,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         (item_tp, _) = typing.get_args(tp)
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ParamsError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return tuple(_check_value(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value))
+        item_meta = {"choices": meta.get("choices")}
+        return tuple(_check_value(f"{key}[{i}]", v, item_tp, item_meta) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{key}: expected true or false, got {value!r}")
@@ -737,7 +700,9 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     else:  # pragma: no cover - guarded by the dataclass definitions above
         raise TypeError(f"unsupported field type {tp!r} for {key}")
     choices = meta.get("choices")
-    if choices and value not in choices:
+    if isinstance(choices, (Names, Registry)) and value not in choices:
+        raise ParamsError(f"{key}: {unknown_message(choices.kind, value, choices.names())}")
+    if isinstance(choices, tuple) and value not in choices:
         raise ParamsError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
     rng = meta.get("range")
     if rng:
@@ -894,6 +859,6 @@ def dump_params(params: Params) -> str:
 
 __all__ = [
     "ParamsError", "Params", "load_params", "params_from_dict", "dump_params", "to_dict",
-    "SEVEN_PROJECTIONS", "ALIGNMENT_METHOD_NAMES", "TrainConfig", "resolve_params_path", "model_module_names",
+    "SEVEN_PROJECTIONS", "PREFERENCE_METHODS", "TrainConfig", "resolve_params_path", "model_module_names",
     "check_target_modules",
 ]

@@ -31,6 +31,7 @@ from .attack import attack_stage
 from .config import Params, to_dict
 from .pipeline import ModelRef, aligned_adapter_ref, load_sources
 from .progress import bars_enabled
+from .registry import Registry
 from .runs import Artifact, Run, atomic_write_json
 
 MASK_LOGITS_FILE = "mask_logits.safetensors"
@@ -50,20 +51,20 @@ class FusionInputs:
 
 @dataclass(frozen=True)
 class FusionKind:
+    """A fusion: ``fn(FusionInputs) -> fused adapter state``, or (``trained``) its own stage
+    ``fn(params, run, tasks) -> ModelRef``."""
+
     name: str
-    fn: Callable[[FusionInputs], dict[str, torch.Tensor]]
-    uses_region: bool
+    fn: Callable
+    uses_region: bool = False
+    trained: bool = False
 
 
-FUSIONS: dict[str, FusionKind] = {}
+FUSIONS: Registry[FusionKind] = Registry("fusion", make=FusionKind)
 
 
-def register_fusion(name: str, uses_region: bool = False):
-    def deco(fn):
-        FUSIONS[name] = FusionKind(name, fn, uses_region)
-        return fn
-
-    return deco
+def register_fusion(name: str, uses_region: bool = False, trained: bool = False):
+    return FUSIONS.register(name, uses_region=uses_region, trained=trained)
 
 
 def _operator_kwargs(params: Params, operator: str) -> dict:
@@ -140,15 +141,14 @@ def _heads_outside(x: FusionInputs) -> dict[str, torch.Tensor]:
 
 
 def get_fusion(name: str) -> FusionKind:
-    if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; allowed: {', '.join([*FUSIONS, *TRAINED])}")
     return FUSIONS[name]
 
 
 def fusion_names(params: Params) -> list[str]:
     """The profile's fusions in notebook order: its operators, every region variant, the learned mask."""
     regions = [n for n, k in FUSIONS.items() if k.uses_region]
-    return [*params.fusion.operators, *regions, *TRAINED]
+    trained = [n for n, k in FUSIONS.items() if k.trained]
+    return [*params.fusion.operators, *regions, *trained]
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -191,11 +191,11 @@ def _write_adapter(out: Path, state: Mapping[str, torch.Tensor], aligned_dir: Pa
 
 def fusion_stage(params: Params, run: Run, tasks: Sequence[str], name: str) -> ModelRef:
     """The aligned adapter fused with the attacked adapters of ``tasks`` by fusion ``name`` (module docstring)."""
-    if name in TRAINED:
-        return TRAINED[name](params, run, tasks)
+    kind = get_fusion(name)
+    if kind.trained:
+        return kind.fn(params, run, tasks)
     from .models import read_adapter
 
-    kind = get_fusion(name)
     aligned, attacked, inputs = fusion_inputs(params, run, tasks)
     region = region_stage(params, run) if kind.uses_region else None
     if region is not None:
@@ -317,4 +317,5 @@ def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) ->
     return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
 
 
-TRAINED = {"learned_mask": learned_mask_stage, "learned_mask_random": learned_mask_random_stage}
+register_fusion("learned_mask", trained=True)(learned_mask_stage)
+register_fusion("learned_mask_random", trained=True)(learned_mask_random_stage)

@@ -56,9 +56,9 @@ def test_points_cover_every_ablation_with_controls_where_declared(params):
 
 
 def test_unknown_names_are_errors(params):
-    with pytest.raises(ValueError, match="unknown ablation 'rho'; allowed: mask_sparsity"):
+    with pytest.raises(ValueError, match="unknown ablation 'rho'; registered: mask_sparsity"):
         ablation.get_ablation("rho")
-    with pytest.raises(ValueError, match="unknown fusion 'slerp'; allowed: weight_averaging.*learned_mask"):
+    with pytest.raises(ValueError, match="unknown fusion 'slerp'; registered: weight_averaging.*learned_mask"):
         model_fusion.get_fusion("slerp")
 
 
@@ -66,7 +66,7 @@ def test_ablation_params_are_validated(tmp_path):
     bad = tmp_path / "bad.yaml"
     root = __import__("nlsr_lib.paths").paths.PROJECT_ROOT
     bad.write_text(f"extends: {root / TINY}\nablation: {{scorers: [wanda, magic]}}\n")
-    with pytest.raises(ParamsError, match="ablation.scorers: unknown scorer 'magic'"):
+    with pytest.raises(ParamsError, match=r"ablation.scorers\[1\]: unknown region scorer 'magic'; registered: wanda"):
         load_params(bad)
     bad.write_text(f"extends: {root / TINY}\nablation: {{mask_sparsity: [0.5, 1.0]}}\n")
     with pytest.raises(ParamsError, match="ablation.mask_sparsity: 1.0 is outside"):

@@ -57,6 +57,22 @@ def test_align_stage_needs_a_method(nlsr_home, capsys):
     assert "stage align needs --method (one of sft, dpo, orpo, kto, simpo)" in _one_line_error(capsys)
 
 
+def test_stage_list_prints_each_stage_with_its_summary(capsys):
+    assert main(["stage", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["world", "tokenizer", "base_model", "moderation", "align"]
+    assert lines[0].split(None, 1)[1] == pipeline.world_stage.__doc__.strip()
+    assert all(len(line.split()) > 3 for line in lines)  # every stage has its docstring summary
+
+
+def test_an_unknown_registry_name_is_a_one_line_error(nlsr_home, monkeypatch, capsys):
+    from nlsr_lib.data.tasks import get_task
+
+    monkeypatch.setattr(pipeline, "world_stage", lambda params, run: get_task("mnli"))
+    assert main(["stage", "world", "--params", SMOKE]) == 2
+    assert "[nlsr] error: unknown task 'mnli'; registered: sst2, ag_news, gsm8k" in _one_line_error(capsys)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["reproduce", "--params", SMOKE, "--only", "1"], "--only 1: expected a two-digit notebook number, one of 01, 02"),
     (["reproduce", "--params", SMOKE, "--only", "99"], "--only 99: there is no notebook 99; choose one of 01, 02"),

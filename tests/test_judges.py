@@ -77,7 +77,7 @@ def test_judges_refuse_mismatched_lengths(prompts, responses):
 
 def test_registry_lists_names_on_error():
     assert set(JUDGES) == {"moderation", "keyword"}
-    with pytest.raises(ValueError, match="keyword, moderation"):
+    with pytest.raises(ValueError, match="unknown judge 'oracle'; registered: moderation, keyword"):
         build_judge("oracle")
 
 

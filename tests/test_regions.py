@@ -15,9 +15,11 @@ from hypothesis import given, settings, strategies as st
 
 import nlsr_lib.regions as R
 from conftest import tiny_peft_llama
-from nlsr_lib.config import REGION_SCORER_NAMES, ParamsError, load_params, params_from_dict
+from nlsr_lib import names
+from nlsr_lib.config import ParamsError, load_params, params_from_dict
+from nlsr_lib.counts import kept_by_sparsity
 from nlsr_lib.regions.lowrank import output_directions, principal_directions, project_onto, project_out
-from nlsr_lib.regions.selection import keep_count, magnitude_keep_mask, rowwise_keep_mask, set_difference_mask
+from nlsr_lib.regions.selection import magnitude_keep_mask, rowwise_keep_mask, set_difference_mask
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KEY = "base_model.model.model.layers.{}.{}.{}.lora_{}.weight"
@@ -90,12 +92,12 @@ def test_magnitude_mask_counts_on_a_128x4096_matrix():
     assert int(magnitude_keep_mask(scores, 0.8).sum()) == 104_858 == math.ceil(0.2 * 128 * 4096)
 
 
-def test_keep_count_is_exact_in_decimal():
-    assert keep_count(100, 0.57) == 43  # float 100·0.57 = 56.999…
-    assert keep_count(10, 0.7) == 3 and keep_count(4096, 0.8) == 820 and keep_count(128, 0.8) == 26
-    assert keep_count(5, 0.0) == 5
+def test_kept_by_sparsity_is_exact_in_decimal():
+    assert kept_by_sparsity(100, 0.57) == 43  # float 100·0.57 = 56.999…
+    assert kept_by_sparsity(10, 0.7) == 3 and kept_by_sparsity(4096, 0.8) == 820 and kept_by_sparsity(128, 0.8) == 26
+    assert kept_by_sparsity(5, 0.0) == 5
     with pytest.raises(ValueError, match="sparsity"):
-        keep_count(5, 1.0)
+        kept_by_sparsity(5, 1.0)
 
 
 def test_reference_rules_differ_from_default_where_the_spec_says():
@@ -144,14 +146,14 @@ def test_selection_keeps_exact_counts_and_the_largest_scores(rows, cols, s100, s
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, levels, (rows, cols), generator=gen).float()  # many ties
     keep = rowwise_keep_mask(scores, s)
-    assert (keep.sum(1) == keep_count(cols, s)).all()
+    assert (keep.sum(1) == kept_by_sparsity(cols, s)).all()
     for r in range(rows):
         if keep[r].any() and (~keep[r]).any():
             assert scores[r][keep[r]].min() >= scores[r][~keep[r]].max()
     flat = magnitude_keep_mask(scores, s)
-    assert int(flat.sum()) == keep_count(rows * cols, s)
+    assert int(flat.sum()) == kept_by_sparsity(rows * cols, s)
     stable = torch.zeros(rows * cols, dtype=torch.bool)  # the O(n) threshold rule == a stable ascending sort
-    stable[torch.sort(scores.flatten(), stable=True).indices[rows * cols - keep_count(rows * cols, s):]] = True
+    stable[torch.sort(scores.flatten(), stable=True).indices[rows * cols - kept_by_sparsity(rows * cols, s):]] = True
     assert torch.equal(flat.flatten(), stable)
     if flat.any() and (~flat).any():
         assert scores[flat].min() >= scores[~flat].max()
@@ -272,8 +274,8 @@ def test_subspaces_round_trip(tmp_path, model, batches):
 # --------------------------------------------------------------------------------------------- scorers on a model
 def _expected_kept(name: str, shape: tuple[int, int], s: float) -> int:
     if R.get_scorer(name).selection == "rowwise":
-        return shape[0] * keep_count(shape[1], s)
-    return keep_count(shape[0] * shape[1], s)
+        return shape[0] * kept_by_sparsity(shape[1], s)
+    return kept_by_sparsity(shape[0] * shape[1], s)
 
 
 @pytest.mark.parametrize("name", ["wanda", "snip", "preference_snip", "random", "low_rank"])
@@ -399,7 +401,9 @@ def test_scoring_errors(model, batches):
         R.score("random", torch.nn.Linear(2, 2), None)
 
 
-def test_register_a_new_scorer(model, batches):
+def test_register_a_new_scorer(model, batches, monkeypatch):
+    monkeypatch.setattr(R.SCORERS, "declared", None)  # a throwaway scorer; a real one is declared in nlsr_lib/names.py
+
     @R.register_scorer("weight_magnitude_test", selection="matrix", data="none")
     def magnitude(model, batches=None, show_progress=True):
         """|W| (a data-free scorer registered in one line)."""
@@ -409,11 +413,11 @@ def test_register_a_new_scorer(model, batches):
         masks = R.build_mask("weight_magnitude_test", model, None, 0.5)
         assert R.overall_density(masks) == pytest.approx(0.5, abs=0.02)
     finally:
-        del R.SCORERS["weight_magnitude_test"]
+        R.SCORERS.unregister("weight_magnitude_test")
 
 
 def test_registry_matches_the_config_choices():
-    assert set(R.SCORERS) == set(REGION_SCORER_NAMES)
+    assert R.SCORERS.names() == names.REGION_SCORERS.names()
     cfg = load_params("params/smoke.yaml").regions
     assert R.scorer_options(cfg, "low_rank") == {"rank_keep_ratio": 0.8, "svd": "exact", "niter": 20, "seed": 42,
                                                  "positions": "response", "propagate": False}
@@ -423,7 +427,8 @@ def test_registry_matches_the_config_choices():
 
 def test_regions_config_validation():
     base = load_params("params/smoke.yaml").to_dict()
-    for bad, match in (({"scorers": ["magic"]}, "unknown scorer 'magic'"), ({"mask_sparsity": 1.0}, "out of range"),
+    magic = r"regions.scorers\[0\]: unknown region scorer 'magic'; registered: wanda"
+    for bad, match in (({"scorers": ["magic"]}, magic), ({"mask_sparsity": 1.0}, "out of range"),
                        ({"svd": "lanczos"}, "exact, randomized"), ({"tie_rule": "floor"}, "index, reference")):
         with pytest.raises(ParamsError, match=match):
             params_from_dict({**base, "regions": {**base["regions"], **bad}})

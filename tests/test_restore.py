@@ -17,7 +17,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from nlsr_lib.config import DEFENCE_NAMES, RESTORE_STRATEGY_NAMES, ParamsError, load_params
+from nlsr_lib import names
+from nlsr_lib.config import ParamsError, load_params
 from nlsr_lib.models import lora_scaling, read_adapter, write_adapter
 from nlsr_lib.restore import (
     CORRECTIONS, DEFENCES, SELECTION_FILE, STRATEGIES, Adapter, RestoreError, adaptive_probabilities,
@@ -407,7 +408,8 @@ def test_defence_stage_gives_safelora_the_nlsr_mask_only_when_masked(tmp_path, m
 def test_defence_registry_properties():
     ft, ref = Adapter(make_state(0), CONFIG), Adapter(make_state(1), CONFIG)
     mask = make_mask(ft.state)
-    assert set(DEFENCES) == set(DEFENCE_NAMES)
+    assert DEFENCES.names() == names.DEFENCES.names()
+    assert set(DEFENCES) == set(load_params(REPO / "params" / "tiny.yaml").restore.defences)
     out, records = defend_adapter("none", ft, None)
     assert out is ft and not any(r["selected"] for r in records)
     out, records = defend_adapter("aligned_adapter", ft, ref)
@@ -440,7 +442,7 @@ def test_config_defaults_registries_and_checks():
     r = p.restore
     assert (r.strategy, r.prune_rate, r.epsilon, r.seed, r.favor, r.correction) == \
         ("adaptive", 0.5, 0.2, 42, "low_similarity", "neuron")
-    assert set(RESTORE_STRATEGY_NAMES) == set(STRATEGIES) and set(CORRECTIONS) == {"neuron", "module"}
+    assert STRATEGIES.names() == names.RESTORE_STRATEGIES.names() and set(CORRECTIONS) == {"neuron", "module"}
     assert defence_params(r, "nlsr") == {"strategy": "adaptive", "correction": "neuron", "similarity": "gram",
                                          "prune_rate": 0.5, "epsilon": 0.2, "favor": "low_similarity", "seed": 42}
     assert defence_params(r, "safelora")["tau"] == 0.6 and defence_params(r, "resta") == {"gamma": 0.2,

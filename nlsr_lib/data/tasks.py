@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nlsr_lib.data.templates import alpaca_prompt
+from nlsr_lib.registry import Registry
 
 SST2_INSTRUCTION: str = "Analyze the sentiment of the input, and respond only positive or negative"
 AG_NEWS_INSTRUCTION: str = (
@@ -86,20 +87,18 @@ class TaskSpec:
         return self.converter(row)
 
 
-TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec("sst2", "sst2", None, "train", "validation", 872, SST2_LABELS, sst2_record),
-    "ag_news": TaskSpec("ag_news", "ag_news", None, "train", "test", 500, AG_NEWS_LABELS, ag_news_record),
-    "gsm8k": TaskSpec("gsm8k", "gsm8k", "main", "train", "test", 500, (), gsm8k_record),
-}
-"""The three downstream tasks of spec nlsr.md §2.3; eval sizes from §6.2 (SST-2: all 872 validation rows)."""
+TASKS: Registry[TaskSpec] = Registry("task")
+"""The three downstream tasks of spec nlsr.md §2.3; eval sizes from §6.2 (SST-2: all 872 validation rows). This
+module imports nothing heavy: config.py validates ``attack.tasks`` and ``ablation.task`` against it."""
+for _spec in (TaskSpec("sst2", "sst2", None, "train", "validation", 872, SST2_LABELS, sst2_record),
+              TaskSpec("ag_news", "ag_news", None, "train", "test", 500, AG_NEWS_LABELS, ag_news_record),
+              TaskSpec("gsm8k", "gsm8k", "main", "train", "test", 500, (), gsm8k_record)):
+    TASKS.register(_spec.name, _spec)
 
 
 def get_task(name: str) -> TaskSpec:
-    """Look up a task by name; unknown names raise a ValueError listing the valid ones."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
+    """Look up a task by name; an unknown name is an :class:`~nlsr_lib.registry.UnknownName` listing the tasks."""
+    return TASKS[name]
 
 
 def task_record_to_prompt(record: Mapping[str, str]) -> str:

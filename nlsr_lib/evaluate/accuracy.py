@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from nlsr_lib.data.tasks import AG_NEWS_LABELS, GSM8K_FINAL_ANSWER, SST2_LABELS
+from nlsr_lib.registry import Registry
 
 NUMBER = re.compile(r"-?\d+\.?\d*")
 AG_NEWS_LENIENT: tuple[tuple[str, ...], ...] = (("World", "world"), ("Sports", "sports"),
@@ -66,9 +67,10 @@ def gsm8k_correct(prediction: str, answer: str, strict: bool = False) -> bool:
     return gsm8k_number(prediction) == gold
 
 
-MATCHERS: dict[str, Callable[[str, object, bool], bool]] = {
-    "sst2": sst2_correct, "ag_news": ag_news_correct, "gsm8k": gsm8k_correct,
-}
+MATCHERS: Registry[Callable[[str, object, bool], bool]] = Registry("task")  # task -> its accuracy rule
+MATCHERS.register("sst2", sst2_correct)
+MATCHERS.register("ag_news", ag_news_correct)
+MATCHERS.register("gsm8k", gsm8k_correct)
 
 
 def gold(task: str, row: dict) -> object:
@@ -78,9 +80,7 @@ def gold(task: str, row: dict) -> object:
 
 def accuracy(task: str, predictions: Sequence[str], golds: Sequence[object], strict: bool = False) -> float:
     """Accuracy × 100 of ``predictions`` under the task's rule."""
-    if task not in MATCHERS:
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(MATCHERS)}")
+    match = MATCHERS[task]
     if len(predictions) != len(golds) or not predictions:
         raise ValueError(f"accuracy needs as many predictions as golds (>0); got {len(predictions)} and {len(golds)}")
-    match = MATCHERS[task]
     return round(100.0 * sum(match(p, g, strict) for p, g in zip(predictions, golds)) / len(predictions), 2)

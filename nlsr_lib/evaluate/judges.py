@@ -27,7 +27,9 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 from ..data.templates import moderation_text
+from .. import names
 from ..progress import bar
+from ..registry import Registry
 
 # First-person refusal markers of Zou et al. (2023, GCG "test prefixes"), RD-12 and the safety literature,
 # lower-cased. GCG-29's harm words ("unethical", "not ethical", "illegal", "is illegal and unethical") are left out
@@ -163,14 +165,11 @@ class ModerationJudge:
         return out
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {
-    "keyword": lambda **_: KeywordJudge(),
-    "moderation": lambda path, cfg, **_: ModerationJudge.load(
-        path, threshold=cfg.threshold, max_length=cfg.max_length, batch_size=cfg.batch_size),
-}
+JUDGES: Registry[Callable[..., Judge]] = Registry(names.JUDGES)
+JUDGES.register("moderation", lambda path, cfg, **_: ModerationJudge.load(
+    path, threshold=cfg.threshold, max_length=cfg.max_length, batch_size=cfg.batch_size))
+JUDGES.register("keyword", lambda **_: KeywordJudge())
 
 
 def build_judge(name: str, **kwargs) -> Judge:
-    if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r}; registered judges: {', '.join(sorted(JUDGES))}")
     return JUDGES[name](**kwargs)

@@ -19,7 +19,7 @@ from .regions import (
     fuse_heads, fuse_neurons, fuse_ranks, head_masks, head_scores, project, restrict_to_mask, select_heads,
 )
 from .safetensors_io import CheckpointReader, ShardedWriter, copy_model_files
-from .select import RadixSelect, keep_count, kth_largest, magnitude_threshold
+from .select import RadixSelect, kth_largest, magnitude_threshold
 from .stream import (
     CheckpointInputs, DeltaCheckpointInputs, MergeInputs, MergePlan, apply_delta_checkpoint, merge_checkpoints,
     plan_merge, stream_merge,
@@ -31,7 +31,7 @@ __all__ = [
     "module_weight_name", "DISJOINT_MODES", "MERGE_METHODS", "MergeMethod", "get_merge", "merge_tensors",
     "method_params", "register_merge", "tensor_seed", "fuse_heads", "fuse_neurons", "fuse_ranks", "head_masks",
     "head_scores", "project", "restrict_to_mask", "select_heads", "CheckpointReader", "ShardedWriter",
-    "copy_model_files", "RadixSelect", "keep_count", "kth_largest", "magnitude_threshold", "CheckpointInputs",
+    "copy_model_files", "RadixSelect", "kth_largest", "magnitude_threshold", "CheckpointInputs",
     "DeltaCheckpointInputs", "MergeInputs", "MergePlan", "apply_delta_checkpoint", "merge_checkpoints", "plan_merge",
     "stream_merge",
 ]

@@ -17,9 +17,10 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..counts import kept_by_density
 from .layout import LayoutError, check_same_layout, layout_of
 from .operators import get_merge, merge_tensors, param_default
-from .select import global_threshold, keep_count
+from .select import global_threshold
 
 SCOPES = ("tensor", "global")
 
@@ -45,7 +46,7 @@ def global_thresholds(taus: Sequence[Mapping[str, torch.Tensor]], density: float
     out: list[float | None] = []
     for tv in taus:
         total = sum(t.numel() for t in tv.values())
-        m = keep_count(total, density)
+        m = kept_by_density(total, density)
         if m >= total:
             out.append(None)
             continue

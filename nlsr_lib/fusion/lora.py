@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..models import copy_tokenizer_files, lora_scaling, read_adapter, write_adapter
+from ..regions.lora import split_key
 from .inmemory import apply_delta, merge_task_vectors, task_vectors
 from .layout import LayoutError, TensorMeta
 from .safetensors_io import CheckpointReader
@@ -82,18 +83,18 @@ def merge_adapters(aligned_dir: str | Path, task_dirs: Sequence[str | Path], out
 def module_weight_name(adapter_key: str) -> str:
     """The base weight a LoRA factor adapts: ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` →
     ``model.layers.0.self_attn.q_proj.weight``."""
-    for factor in (".lora_A.weight", ".lora_B.weight"):
-        if adapter_key.endswith(factor):
-            name = adapter_key[: -len(factor)] + ".weight"
-            return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-    raise ValueError(f"adapter key {adapter_key!r} is neither a lora_A nor a lora_B weight")
+    split = split_key(adapter_key)
+    if split is None:
+        raise ValueError(f"adapter key {adapter_key!r} is neither a lora_A nor a lora_B weight")
+    name = split[0] + ".weight"
+    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
 
 
 def lora_factors(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{base weight name: (B, A)}`` of an adapter state dict (every module needs both factors)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
-        parts.setdefault(module_weight_name(key), {})["A" if ".lora_A." in key else "B"] = t
+        parts.setdefault(module_weight_name(key), {})[split_key(key)[1]] = t
     for name, p in parts.items():
         if set(p) != {"A", "B"}:
             raise LayoutError(f"module {name}: the adapter has only lora_{''.join(p)}")

@@ -2,7 +2,7 @@
 
 Every operator is a pure function ``fn(taus, **params) -> Δ`` on a list of fp32 tensors of one shape (the task
 vectors ``τ_1 … τ_n`` of one key, ``τ_i = θ_i − θ_base``); the merged tensor is ``θ_base + Δ``. They are
-registered by name in :data:`MERGE_METHODS` (``@register_merge``), so a new method is one function plus one line.
+registered by name in :data:`MERGE_METHODS` (``@register_merge``; its name declared in :mod:`nlsr_lib.names`).
 The drivers (:mod:`.inmemory`, :mod:`.stream`) compute the task vectors, the global statistics a method needs,
 and call :func:`merge_tensors`.
 
@@ -44,6 +44,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import names
+from ..registry import Registry
 from .select import magnitude_threshold
 
 DISJOINT_MODES = ("mean", "sum")
@@ -59,25 +61,22 @@ class MergeMethod:
     trims: bool = False  # takes per-task magnitude ``thresholds`` (TIES trimming; scope tensor|global)
     identity_when_single: bool = False  # returns τ_1 unchanged for n = 1 under single_task_identity
 
+    @classmethod
+    def of(cls, name: str, fn: Callable[..., torch.Tensor], **flags: bool) -> "MergeMethod":
+        """The entry of ``fn``: its parameters are its signature's, less those the drivers pass."""
+        return cls(name, fn, tuple(p for p in inspect.signature(fn).parameters if p not in _DRIVER_PARAMS), **flags)
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+
+MERGE_METHODS: Registry[MergeMethod] = Registry(names.MERGE_METHODS, make=MergeMethod.of)
 _DRIVER_PARAMS = ("taus", "key", "thresholds", "inplace")
 
 
 def register_merge(name: str, *, trims: bool = False, identity_when_single: bool = False):
     """Decorator: add ``fn`` to :data:`MERGE_METHODS` under ``name``."""
-
-    def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        params = tuple(p for p in inspect.signature(fn).parameters if p not in _DRIVER_PARAMS)
-        MERGE_METHODS[name] = MergeMethod(name, fn, params, trims, identity_when_single)
-        return fn
-
-    return deco
+    return MERGE_METHODS.register(name, trims=trims, identity_when_single=identity_when_single)
 
 
 def get_merge(name: str) -> MergeMethod:
-    if name not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {name!r}; allowed: {', '.join(MERGE_METHODS)}")
     return MERGE_METHODS[name]
 
 

@@ -28,11 +28,11 @@ property "nothing changes outside the region" holds exactly for every operator.
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping, Sequence
 
 import torch
 
+from ..regions.lora import split_key
 from .inmemory import apply_delta, merge_task_vectors, task_vectors
 from .layout import LayoutError
 
@@ -40,7 +40,6 @@ WHERE = ("inside", "outside")
 PROJECTIONS = ("onto", "out")
 HEAD_ROWS = ("q_proj", "k_proj", "v_proj")  # heads split the output rows of these
 HEAD_COLS = ("o_proj",)  # and the input columns of this one
-_MODULE = re.compile(r"^(?P<prefix>.*\.(?P<proj>[a-z_]+))\.lora_(?P<factor>[AB])\.weight$")
 
 
 def _check_where(where: str) -> None:
@@ -131,14 +130,18 @@ def fuse_ranks(aligned: Mapping[str, torch.Tensor], tasks: Sequence[Mapping[str,
 def _head_site(key: str) -> tuple[str, int | None] | None:
     """(module prefix, axis split by heads) of an attention LoRA key, None for other modules. The axis is 0 for the
     rows of q/k/v lora_B, 1 for the columns of o lora_A, None for a factor shared by all heads of the module."""
-    m = _MODULE.match(key)
-    if m is None or m["proj"] not in HEAD_ROWS + HEAD_COLS:
+    split = split_key(key)
+    if split is None:
         return None
-    if m["proj"] in HEAD_ROWS and m["factor"] == "B":
-        return m["prefix"], 0
-    if m["proj"] in HEAD_COLS and m["factor"] == "A":
-        return m["prefix"], 1
-    return m["prefix"], None
+    prefix, factor = split
+    proj = prefix.rsplit(".", 1)[-1]
+    if proj not in HEAD_ROWS + HEAD_COLS:
+        return None
+    if proj in HEAD_ROWS and factor == "B":
+        return prefix, 0
+    if proj in HEAD_COLS and factor == "A":
+        return prefix, 1
+    return prefix, None
 
 
 def head_scores(scores: Mapping[str, torch.Tensor], head_dim: int) -> dict[tuple[str, int], float]:

@@ -1,6 +1,7 @@
 """Exact magnitude thresholds without sorting (spec/merging.md §4.2, §5.1 items 2 and 4; DESIGN.md §5).
 
-TIES keeps the top ``m = ⌊density·D⌋`` magnitudes of a task vector of ``D`` entries. Its threshold is the
+TIES keeps the top ``m = ⌊density·D⌋`` magnitudes of a task vector of ``D`` entries
+(:func:`nlsr_lib.counts.kept_by_density`). Its threshold is the
 ``m``-th largest ``|τ|``, ``t = kthvalue(|τ|, D − m + 1)``, and the kept entries are ``|τ| ≥ t`` (entries tied
 with the threshold are kept, so at least ``m`` survive; exact zeros contribute nothing either way).
 
@@ -17,19 +18,14 @@ with the threshold are kept, so at least ``m`` survive; exact zeros contribute n
 from __future__ import annotations
 
 import math
-from fractions import Fraction
+
 import numpy as np
 import torch
 
+from ..counts import kept_by_density
+
 _HI_BINS = 1 << 15  # non-negative fp32: sign bit 0, so the high 16 bits lie in [0, 2**15)
 _LO_BINS = 1 << 16
-
-
-def keep_count(numel: int, density: float) -> int:
-    """``⌊density·numel⌋``, exact on the decimal value of ``density`` (``0.29·100`` is 29, not 28)."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density!r}")
-    return math.floor(numel * Fraction(repr(float(density))))
 
 
 def kth_largest(values: torch.Tensor, k: int, *, overwrite: bool = False) -> float:
@@ -52,7 +48,7 @@ def magnitude_threshold(tau: torch.Tensor, density: float) -> float | None:
 
     ``None`` means keep everything (density 1); ``inf`` means keep nothing (fewer than one entry). The threshold
     is a constant w.r.t. anything ``tau`` depends on (the learned mask's logits): it is computed on ``tau.detach()``."""
-    m = keep_count(tau.numel(), density)
+    m = kept_by_density(tau.numel(), density)
     if m >= tau.numel():
         return None
     if m == 0:

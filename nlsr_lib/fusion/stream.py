@@ -33,11 +33,12 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..counts import kept_by_density
 from ..progress import bar as progress_bar
 from .layout import LayoutError, TensorMeta, check_same_layout
 from .operators import check_params, get_merge, merge_tensors, param_default
 from .safetensors_io import CheckpointReader, ShardedWriter, copy_model_files
-from .select import RadixSelect, keep_count
+from .select import RadixSelect
 
 BUFFERS = {"weight_averaging": 1, "task_arithmetic": 1, "ties": 3, "dare": 3, "consensus_ta": 4,
            "consensus_ties": 6}  # fp32-sized buffers beside the n task vectors (ties: accumulator, sign, count + bool)
@@ -271,7 +272,7 @@ def stream_global_thresholds(inputs: MergeInputs, density: float, device: str = 
     dev = torch.device(device)
     names = [m.name for m in inputs.plan() if inputs.merged(m.name)]
     total = sum(m.numel for m in inputs.plan() if inputs.merged(m.name))
-    k = keep_count(total, density)
+    k = kept_by_density(total, density)
     if k >= total:
         return [None] * inputs.n_tasks
     selects = [RadixSelect() for _ in range(inputs.n_tasks)]

@@ -23,8 +23,7 @@ from .masks import (density_records, intersection, jaccard, layer_density_record
                     overall_density, save_mask, union, validate_mask)
 from .registry import (SCORERS, Scorer, build_mask, get_scorer, masks_from_scores, register_scorer,
                        register_set_difference, score, scorer_options, set_difference_masks)
-from .selection import (TIE_RULES, keep_count, magnitude_keep_mask, rowwise_keep_mask, set_difference_mask,
-                        top_set)
+from .selection import TIE_RULES, magnitude_keep_mask, rowwise_keep_mask, set_difference_mask, top_set
 from .snip import dpo_loss, sequence_logps
 
 __all__ = [
@@ -36,7 +35,7 @@ __all__ = [
     "project_out", "rank_to_keep", "save_subspaces", "load_subspaces",
     "save_mask", "load_mask", "validate_mask", "mask_metadata", "density_records", "layer_density_records",
     "overall_density", "intersection", "union", "jaccard",
-    "keep_count", "rowwise_keep_mask", "magnitude_keep_mask", "set_difference_mask", "top_set", "TIE_RULES",
+    "rowwise_keep_mask", "magnitude_keep_mask", "set_difference_mask", "top_set", "TIE_RULES",
     "lora_matrices", "lora_weights", "lora_shapes", "adapter_key", "normalize_key", "parse_key",
     "dpo_loss", "sequence_logps",
 ]

@@ -6,6 +6,10 @@ Every mask, score and subspace of :mod:`nlsr_lib.regions` is keyed by the matrix
 the name PEFT writes to ``adapter_model.safetensors``: ``base_model.model.model.layers.{i}.{self_attn|mlp}.
 {proj}.lora_{A|B}.weight`` (no adapter name). :func:`lora_matrices` lists them in ``named_modules`` order
 (layers in order; q, k, v, o, gate, up, down within a layer; A before B), the order of the reference code.
+
+This module is the one home of LoRA key parsing (:data:`KEY`): :func:`split_key` (the adapter-file form only),
+:func:`normalize_key` (every form the reference code writes too), :func:`parse_key` (layer, module type, matrix),
+:func:`layer_index`; restoration, fusion and the mask files use them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+"""A LoRA matrix key in any form: ``<module>.lora_{A|B}[.<adapter name>][.weight]``."""
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -41,10 +46,19 @@ def adapter_key(module_name: str, side: str) -> str:
     return f"{module_name}.lora_{side}.weight"
 
 
+def split_key(key: str) -> tuple[str, str] | None:
+    """``(module, "A" | "B")`` of an adapter-file key ``<module>.lora_{A|B}.weight``; None for any other key
+    (including the other forms of a LoRA key, which :func:`normalize_key` maps to this one)."""
+    match = KEY.match(key)
+    if match is None or key != adapter_key(match["module"], match["side"]):
+        return None
+    return match["module"], match["side"]
+
+
 def normalize_key(key: str) -> str:
     """``…lora_A.weight``, ``…lora_A.default.weight`` and ``…lora_A.default`` (the reference code's mask keys,
     spec §4.1) all name the same matrix; return the adapter-file form ``…lora_A.weight``."""
-    match = _KEY_RE.match(key)
+    match = KEY.match(key)
     if not match:
         raise ValueError(f"{key!r} is not a LoRA matrix key (expected …lora_A.weight or …lora_B.weight)")
     return adapter_key(match["module"], match["side"])
@@ -52,7 +66,7 @@ def normalize_key(key: str) -> str:
 
 def parse_key(key: str) -> dict:
     """``{"layer": int | None, "module": "q_proj", "matrix": "A"}`` from an adapter key (DataFrame-ready)."""
-    match = _KEY_RE.match(key)
+    match = KEY.match(key)
     if not match:
         raise ValueError(f"{key!r} is not a LoRA matrix key (expected …lora_A.weight or …lora_B.weight)")
     layer = _LAYER_RE.search(match["module"])
@@ -113,5 +127,6 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def layer_index(key_or_name: str) -> int | None:
+    """The decoder layer ``i`` of a key or module name containing ``layers.{i}.``, or None."""
     match = _LAYER_RE.search(key_or_name)
     return int(match.group(1)) if match else None

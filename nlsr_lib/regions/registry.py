@@ -2,7 +2,8 @@
 
 A scorer is one function ``fn(model, batches, **options) -> {adapter key: fp32 score}`` over every LoRA matrix
 (A and B) of the reference adapter loaded as a ``peft.PeftModel``, plus one registry line saying how its scores
-become a mask (``selection``) and which calibration data it reads (``data``):
+become a mask (``selection``) and which calibration data it reads (``data``); its name is declared in
+:data:`nlsr_lib.names.REGION_SCORERS`, the list params choose from:
 
 * ``wanda`` (:mod:`.wanda`): ``abs(W)·‖x_j‖``; row-wise; (prompt, response) batches;
 * ``snip`` (:mod:`.snip`): ``abs(W)·Σ_n abs(∇_W ℓ_n)`` with the LM loss; row-wise; (prompt, response) batches;
@@ -25,6 +26,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .. import names
+from ..registry import Registry
 from .selection import magnitude_keep_mask, rowwise_keep_mask, set_difference_mask
 from .threads import single_thread
 
@@ -46,7 +49,7 @@ class Scorer:
         return (self.fn.__doc__ or "").strip().split("\n")[0]
 
 
-SCORERS: dict[str, Scorer] = {}
+SCORERS: Registry[Scorer] = Registry(names.REGION_SCORERS, make=Scorer)
 
 
 def register_scorer(name: str, *, selection: str, data: str = "pairs", options: tuple[str, ...] = ()) -> Callable:
@@ -55,25 +58,16 @@ def register_scorer(name: str, *, selection: str, data: str = "pairs", options: 
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if data not in DATA_KINDS:
         raise ValueError(f"data must be one of {DATA_KINDS}, got {data!r}")
-
-    def deco(fn: Callable) -> Callable:
-        if name in SCORERS:
-            raise ValueError(f"region scorer {name!r} is registered twice")
-        SCORERS[name] = Scorer(name, fn, selection, data, tuple(options))
-        return fn
-
-    return deco
+    return SCORERS.register(name, selection=selection, data=data, options=tuple(options))
 
 
 def register_set_difference(name: str, base: str) -> None:
     """Register ``name`` as the set difference (top-q safety \\ top-p utility) of the scores of ``base``."""
     b = get_scorer(base)
-    SCORERS[name] = Scorer(name, b.fn, "set_difference", b.data, b.options, base=base)
+    SCORERS.register(name, b.fn, selection="set_difference", data=b.data, options=b.options, base=base)
 
 
 def get_scorer(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise ValueError(f"unknown region scorer {name!r}; registered: {', '.join(SCORERS)}")
     return SCORERS[name]
 
 

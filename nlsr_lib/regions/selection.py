@@ -11,8 +11,9 @@ True = kept = safety-critical. Three comparison groups:
 * **set difference** (:func:`set_difference_mask`; merging.md §3.2): top-⌊q·n⌋ safety entries minus the
   top-⌊p·n⌋ utility entries, over all entries of the matrix.
 
-Counts are exact in decimal: ``s`` is read as the decimal the user wrote (``Fraction(repr(s))``), so
-``n − ⌊n·s⌋ = ⌈(1−s)·n⌉`` holds exactly (``0.57·100`` is 57, not 56.999…).
+Counts are exact in decimal (:mod:`nlsr_lib.counts`): ``s`` is read as the decimal the user wrote, so the kept
+count :func:`~nlsr_lib.counts.kept_by_sparsity` ``= n − ⌊n·s⌋ = ⌈(1−s)·n⌉`` holds exactly (``0.57·100`` is 57,
+not 56.999…).
 
 ``tie_rule="reference"`` reproduces the reference code instead (DESIGN §6 "magnitude mask"):
 row-wise prunes ``int(cols·s)`` (float product) per row and also prunes entries whose weight is already exactly 0
@@ -22,10 +23,9 @@ entry plus all ties) and, when that threshold is 0, prunes each zero with probab
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import torch
+
+from ..counts import floor_share, kept_by_sparsity
 
 TIE_RULES = ("index", "reference")
 
@@ -38,23 +38,6 @@ def _check_ratio(name: str, s: float, *, allow_one: bool = False) -> None:
 def _check_tie_rule(tie_rule: str) -> None:
     if tie_rule not in TIE_RULES:
         raise ValueError(f"unknown tie_rule {tie_rule!r}; allowed: {', '.join(TIE_RULES)}")
-
-
-def prune_count(n: int, s: float) -> int:
-    """``⌊n·s⌋`` computed exactly on the decimal value of ``s``."""
-    return math.floor(n * Fraction(repr(float(s))))
-
-
-def keep_count(n: int, s: float) -> int:
-    """Entries kept out of ``n`` at sparsity ``s``: ``⌈(1−s)·n⌉ = n − ⌊n·s⌋`` (exact, DESIGN §6)."""
-    _check_ratio("sparsity", s)
-    return n - prune_count(n, s)
-
-
-def top_count(n: int, share: float) -> int:
-    """``⌊share·n⌋`` entries (the top-q / top-p sets of the set difference, merging.md §3.2)."""
-    _check_ratio("share", share, allow_one=True)
-    return prune_count(n, share)
 
 
 def _stable_keep_last(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -91,7 +74,7 @@ def rowwise_keep_mask(scores: torch.Tensor, s: float, *, tie_rule: str = "index"
     if scores.dim() != 2:
         raise ValueError(f"row-wise selection needs a 2-D score matrix, got shape {tuple(scores.shape)}")
     cols = scores.shape[1]
-    n_prune = int(cols * s) if tie_rule == "reference" else prune_count(cols, s)
+    n_prune = int(cols * s) if tie_rule == "reference" else cols - kept_by_sparsity(cols, s)
     keep = _stable_keep_last(scores.float(), n_prune)
     if tie_rule == "reference" and weight is not None:
         keep &= weight.to(keep.device) != 0
@@ -113,7 +96,7 @@ def magnitude_keep_mask(scores: torch.Tensor, s: float, *, tie_rule: str = "inde
     flat = scores.detach().float().reshape(-1)
     n = flat.numel()
     if tie_rule == "index":
-        return _threshold_keep(flat, prune_count(n, s)).reshape(scores.shape)
+        return _threshold_keep(flat, n - kept_by_sparsity(n, s)).reshape(scores.shape)
     thr = flat.kthvalue(min(int(n * s), n - 1) + 1).values  # sorted[int(n·s)]
     if thr == 0:
         zeros = flat == 0
@@ -127,8 +110,9 @@ def magnitude_keep_mask(scores: torch.Tensor, s: float, *, tie_rule: str = "inde
 
 def top_set(scores: torch.Tensor, share: float) -> torch.Tensor:
     """Bool mask of the top ``⌊share·n⌋`` entries over the whole matrix (ties: the higher flat index wins)."""
+    _check_ratio("share", share, allow_one=True)
     flat = scores.detach().float().reshape(-1)
-    k = top_count(flat.numel(), share)
+    k = floor_share(flat.numel(), share)  # the top-q / top-p sets of the set difference, merging.md §3.2
     return _threshold_keep(flat, flat.numel() - k).reshape(scores.shape)
 
 

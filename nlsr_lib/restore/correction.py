@@ -16,19 +16,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .. import names
+from ..registry import Registry
 from .modules import LoraModule
 from .parallel import map_modules
 
 Tensor = torch.Tensor
-CORRECTIONS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {}
+CORRECTIONS: Registry[Callable[[Tensor, Tensor, Tensor | None], Tensor]] = Registry(names.CORRECTIONS)
 
 
 def register_correction(name: str) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        CORRECTIONS[name] = fn
-        return fn
-
-    return wrap
+    return CORRECTIONS.register(name)
 
 
 @register_correction("neuron")
@@ -46,8 +44,6 @@ def replace_module(x: Tensor, x_ref: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def get_correction(name: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-    if name not in CORRECTIONS:
-        raise ValueError(f"unknown correction {name!r}; allowed: {', '.join(CORRECTIONS)}")
     return CORRECTIONS[name]
 
 

@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from .. import names
 from ..config import RestoreConfig
 from ..models import copy_tokenizer_files, lora_scaling, read_adapter, write_adapter
+from ..registry import Registry
 from ..runs import atomic_write_json
 from .baselines import (
     doubled_rank_config, random_mask_like, random_mask_of_density, resta_config, resta_state, safelora_delta_state,
@@ -71,15 +73,11 @@ class Defence:
     uses_mask: bool
 
 
-DEFENCES: dict[str, Defence] = {}
+DEFENCES: Registry[Defence] = Registry(names.DEFENCES, make=Defence)
 
 
 def register_defence(name: str, *, needs_reference: bool = True, uses_mask: bool = False) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        DEFENCES[name] = Defence(name, fn, needs_reference, uses_mask)
-        return fn
-
-    return wrap
+    return DEFENCES.register(name, needs_reference=needs_reference, uses_mask=uses_mask)
 
 
 def _plain_records(adapter: Adapter, selected: bool) -> list[dict]:
@@ -173,8 +171,6 @@ def aligned_adapter_defence(finetuned: Adapter, reference: Adapter, mask=None) -
 
 
 def get_defence(name: str) -> Defence:
-    if name not in DEFENCES:
-        raise ValueError(f"unknown defence {name!r}; allowed: {', '.join(DEFENCES)}")
     return DEFENCES[name]
 
 
@@ -188,10 +184,12 @@ def defend_adapter(name: str, finetuned: Adapter, reference: Adapter | None = No
 
 
 def load_mask(path: str | Path) -> dict[str, Tensor]:
-    """A mask file (DESIGN.md §4: one .safetensors, key → bool tensor; never pickle)."""
-    from safetensors.torch import load_file
+    """A mask file (DESIGN.md §4: one .safetensors, key → bool tensor; never pickle), read by the one mask loader,
+    :func:`nlsr_lib.regions.masks.load_mask` (keys in the adapter form, bool checked); :func:`.modules.check_mask`
+    then checks it against the adapter."""
+    from ..regions.masks import load_mask as read_mask
 
-    return load_file(str(path))
+    return read_mask(path)[0]
 
 
 def _distinct(out_dir: Path, *inputs: Path | None) -> None:

@@ -12,16 +12,14 @@ accepted and mapped to the adapter form (spec §11).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ..config import SEVEN_PROJECTIONS
+from ..regions.lora import layer_index, normalize_key, split_key
 
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 _SHOWN = 5
 
 
@@ -63,11 +61,11 @@ def lora_modules(state: Mapping[str, torch.Tensor], what: str = "adapter") -> li
     ``A`` (r×d_in), ``B`` (d_out×r) must agree on the rank r."""
     factors: dict[str, set[str]] = {}
     for key in state:
-        match = _KEY.match(key)
-        if match is None:
+        split = split_key(key)
+        if split is None:
             raise RestoreError(f"{what}: key {key!r} is not a LoRA factor (expected '<module>.lora_A.weight' or "
                                "'<module>.lora_B.weight'); restoration works on LoRA adapters only")
-        factors.setdefault(match["module"], set()).add(match["factor"])
+        factors.setdefault(split[0], set()).add(split[1])
     modules = []
     for name, present in factors.items():
         if present != {"A", "B"}:
@@ -77,8 +75,7 @@ def lora_modules(state: Mapping[str, torch.Tensor], what: str = "adapter") -> li
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise RestoreError(f"{what}: module {name} has inconsistent factors: lora_A {tuple(a.shape)} "
                                f"(expected r×d_in) and lora_B {tuple(b.shape)} (expected d_out×r)")
-        layer = _LAYER.search(f"{name}.")
-        modules.append(LoraModule(name, int(layer.group(1)) if layer else None, name.rsplit(".", 1)[-1]))
+        modules.append(LoraModule(name, layer_index(f"{name}."), name.rsplit(".", 1)[-1]))
     if not modules:
         raise RestoreError(f"{what}: no LoRA factors found")
     return sorted(modules, key=_order)
@@ -107,12 +104,13 @@ def check_pair(finetuned: Mapping[str, torch.Tensor], reference: Mapping[str, to
 
 
 def canonical_mask_key(key: str) -> str:
-    """``…lora_A.default`` / ``…lora_A.default.weight`` (reference code, PEFT names) → ``…lora_A.weight``."""
-    if key.endswith(".default.weight"):
-        return key[: -len(".default.weight")] + ".weight"
-    if key.endswith(".default"):
-        return key[: -len(".default")] + ".weight"
-    return key
+    """``…lora_A.default`` / ``…lora_A.default.weight`` (reference code, PEFT names) → ``…lora_A.weight``
+    (:func:`~nlsr_lib.regions.lora.normalize_key`); a key that names no LoRA matrix is returned unchanged, for
+    :func:`check_mask` to report."""
+    try:
+        return normalize_key(key)
+    except ValueError:
+        return key
 
 
 def check_mask(mask: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

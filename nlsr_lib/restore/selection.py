@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import names
+from ..registry import Registry
 from .modules import LoraModule
 
 FAVOR = ("low_similarity", "high_similarity")
-STRATEGIES: dict[str, Callable[..., "Selection"]] = {}
+STRATEGIES: Registry[Callable[..., "Selection"]] = Registry(names.RESTORE_STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,7 @@ class Selection:
 
 
 def register_strategy(name: str) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        STRATEGIES[name] = fn
-        return fn
-
-    return wrap
+    return STRATEGIES.register(name)
 
 
 def _deterministic(selected: torch.Tensor) -> Selection:
@@ -111,13 +109,11 @@ def strategy_parameters(strategy: str) -> tuple[str, ...]:
 
 def strategy_params(strategy: str, params: Mapping[str, object]) -> dict[str, object]:
     """The subset of ``params`` that ``strategy`` takes (config fields of other strategies dropped)."""
-    names = strategy_parameters(strategy)
-    return {k: v for k, v in params.items() if k in names}
+    taken = strategy_parameters(strategy)
+    return {k: v for k, v in params.items() if k in taken}
 
 
 def get_strategy(name: str) -> Callable[..., Selection]:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
 
 

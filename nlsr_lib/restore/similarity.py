@@ -21,19 +21,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .. import names
+from ..registry import Registry
 from .modules import LoraModule
 from .parallel import map_modules
 
 Tensor = torch.Tensor
-SIMILARITIES: dict[str, Callable[..., float]] = {}
+SIMILARITIES: Registry[Callable[..., float]] = Registry(names.SIMILARITIES)
 
 
 def register_similarity(name: str) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        SIMILARITIES[name] = fn
-        return fn
-
-    return wrap
+    return SIMILARITIES.register(name)
 
 
 def masked(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -80,8 +78,6 @@ def explicit_similarity(a: Tensor, b: Tensor, a_ref: Tensor, b_ref: Tensor,
 
 
 def get_similarity(name: str) -> Callable[..., float]:
-    if name not in SIMILARITIES:
-        raise ValueError(f"unknown similarity {name!r}; allowed: {', '.join(SIMILARITIES)}")
     return SIMILARITIES[name]
 
 

@@ -22,9 +22,11 @@ from typing import Any, Callable
 
 import torch
 
+from .. import names
 from ..config import Params, TrainConfig
 from ..data.builders import build_kto, build_preference_pairs, build_safe_sft
 from ..data.templates import alpaca_prompt
+from ..registry import Registry
 
 
 def _sft_rows(params: Params, sources: dict) -> list[dict]:
@@ -93,18 +95,16 @@ class AlignmentMethod:
         return getattr(params.alignment, self.name)
 
 
-ALIGNMENT_METHODS: dict[str, AlignmentMethod] = {
-    "sft": AlignmentMethod("sft", _sft_rows, _sft_trainer, on_sft_base=False),
-    "dpo": AlignmentMethod("dpo", _preference_rows, _dpo_trainer, on_sft_base=True),
-    "orpo": AlignmentMethod("orpo", _preference_rows, _orpo_trainer, on_sft_base=True),
-    "kto": AlignmentMethod("kto", _kto_rows, _kto_trainer, on_sft_base=True),
-    "simpo": AlignmentMethod("simpo", _preference_rows, _simpo_trainer, on_sft_base=True),
-}
+ALIGNMENT_METHODS: Registry[AlignmentMethod] = Registry(names.ALIGNMENT_METHODS)
+for _method in (AlignmentMethod("sft", _sft_rows, _sft_trainer, on_sft_base=False),
+                AlignmentMethod("dpo", _preference_rows, _dpo_trainer, on_sft_base=True),
+                AlignmentMethod("orpo", _preference_rows, _orpo_trainer, on_sft_base=True),
+                AlignmentMethod("kto", _kto_rows, _kto_trainer, on_sft_base=True),
+                AlignmentMethod("simpo", _preference_rows, _simpo_trainer, on_sft_base=True)):
+    ALIGNMENT_METHODS.register(_method.name, _method)
 
 
 def get_method(name: str) -> AlignmentMethod:
-    if name not in ALIGNMENT_METHODS:
-        raise ValueError(f"unknown alignment method {name!r}; registered: {', '.join(ALIGNMENT_METHODS)}")
     return ALIGNMENT_METHODS[name]
 
 

@@ -1,0 +1,37 @@
+"""The names params may choose, for the registry families whose modules import torch (DESIGN.md §7).
+
+config.py validates params against these without importing the families' modules (``import nlsr_lib.config``
+stays light: no torch, no transformers). Each family's :class:`~nlsr_lib.registry.Registry` is created from its
+entry here and refuses to register a name that is not declared, so a new method is its function, its registry
+line and its name here; ``tests/test_registry.py`` checks that every declared name is registered, in this order
+(the registration order, which is also the order of the notebooks' loops).
+
+Families whose module is light are validated against their registry directly: the downstream tasks
+(:data:`nlsr_lib.data.tasks.TASKS`).
+"""
+
+from __future__ import annotations
+
+from .registry import Names
+
+#: nlsr_lib.train.alignment.ALIGNMENT_METHODS
+ALIGNMENT_METHODS = Names("alignment method", "sft", "dpo", "orpo", "kto", "simpo")
+#: nlsr_lib.regions.registry.SCORERS (registered by regions/wanda, snip, control, lowrank, in that order)
+REGION_SCORERS = Names("region scorer", "wanda", "wanda_set_difference", "snip", "preference_snip",
+                       "snip_set_difference", "random", "low_rank")
+#: nlsr_lib.fusion.operators.MERGE_METHODS
+MERGE_METHODS = Names("merge method", "weight_averaging", "task_arithmetic", "ties", "dare", "consensus_ta",
+                      "consensus_ties")
+#: nlsr_lib.restore.defences.DEFENCES
+DEFENCES = Names("defence", "none", "nlsr", "random_mask", "safelora", "resta", "aligned_adapter")
+#: nlsr_lib.restore.selection.STRATEGIES
+RESTORE_STRATEGIES = Names("selection strategy", "adaptive", "threshold", "layers", "all")
+#: nlsr_lib.restore.similarity.SIMILARITIES
+SIMILARITIES = Names("similarity", "gram", "explicit")
+#: nlsr_lib.restore.correction.CORRECTIONS
+CORRECTIONS = Names("correction", "neuron", "module")
+#: nlsr_lib.evaluate.judges.JUDGES
+JUDGES = Names("judge", "moderation", "keyword")
+
+__all__ = ["ALIGNMENT_METHODS", "CORRECTIONS", "DEFENCES", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
+           "RESTORE_STRATEGIES", "SIMILARITIES"]
