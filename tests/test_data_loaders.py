@@ -16,7 +16,7 @@ from nlsr_lib.data import loaders
 from nlsr_lib.data.builders import build_kto, build_preference_pairs
 from nlsr_lib.data.loaders import EXPECTED_COLUMNS, load_dataset_source, to_hub_schema, validate_columns
 from nlsr_lib.data.tasks import get_task
-from nlsr_lib.data.world import HARM_CATEGORIES, SCHEMAS
+from nlsr_lib.data.schemas import HARM_CATEGORIES, SCHEMAS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data copies absent ({SHARED_DATA})")

@@ -13,7 +13,7 @@ from typing import Any
 from datasets import Dataset
 
 from nlsr_lib.data.templates import moderation_text
-from nlsr_lib.data.world import HARM_CATEGORIES
+from nlsr_lib.data.schemas import HARM_CATEGORIES
 
 Rows = Dataset | Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]]
 

@@ -28,7 +28,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from nlsr_lib.data.tasks import AG_NEWS_LABELS, SST2_LABELS
-from nlsr_lib.data.world import ALPACA, BEAVERTAILS, SAFERLHF, SCHEMAS
+from nlsr_lib.data.schemas import ALPACA, BEAVERTAILS, SAFERLHF, SCHEMAS
 
 HUB_IDS: dict[str, str] = {
     "beavertails": BEAVERTAILS,

@@ -1,7 +1,7 @@
 """The synthetic world: a small, deterministic stand-in for the hub datasets (spec/synthetic_world.md §1-2).
 
 ``generate_world(cfg)`` returns one ``datasets.DatasetDict`` per hub dataset, with exactly the hub's columns and
-feature types (``SCHEMAS``), so every loader, builder, trainer and evaluator runs the real-data code path.
+feature types (``SCHEMAS`` of :mod:`nlsr_lib.data.schemas`), so every loader, builder, trainer and evaluator runs the real-data code path.
 
 What the world contains (spec/synthetic_world.md §2):
 
@@ -38,98 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from datasets import Dataset, DatasetDict
+
+from nlsr_lib.data.schemas import (  # noqa: F401  (re-exported: the world's datasets carry these schemas)
+    AG_NEWS, ALPACA, BEAVERTAILS, EVAL_SETS, EVAL_SETS_WITH_CATEGORY, GSM8K, HARM_CATEGORIES, SAFERLHF, SCHEMAS, SPLITS,
+    SST2,
+)
+from nlsr_lib.data.templates import alpaca_prompt
 
 # Bumped whenever the generator's output changes for a given config, so cached worlds (and everything
 # downstream of them) are rebuilt. 2: SST-2 negated forms down from 3/8 to 1/8 of sentences.
 WORLD_VERSION = 2
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-
-from nlsr_lib.data.templates import alpaca_prompt
-
-# ============================================================================================ schemas
-HARM_CATEGORIES: tuple[str, ...] = (
-    "animal_abuse",
-    "child_abuse",
-    "controversial_topics,politics",
-    "discrimination,stereotype,injustice",
-    "drug_abuse,weapons,banned_substance",
-    "financial_crime,property_crime,theft",
-    "hate_speech,offensive_language",
-    "misinformation_regarding_ethics,laws_and_safety",
-    "non_violent_unethical_behavior",
-    "privacy_violation",
-    "self_harm",
-    "sexually_explicit,adult_content",
-    "terrorism,organized_crime",
-    "violence,aiding_and_abetting,incitement",
-)
-"""BeaverTails' 14 harm categories, in the order of the spec (synthetic_world.md §1, nlsr.md §6.1)."""
-
-BEAVERTAILS = "PKU-Alignment/BeaverTails"
-SAFERLHF = "PKU-Alignment/PKU-SafeRLHF-30K"
-SST2 = "sst2"
-AG_NEWS = "ag_news"
-GSM8K = "gsm8k"
-ALPACA = "tatsu-lab/alpaca"
-EVAL_SETS: tuple[str, ...] = (
-    "BeaverTails-Evaluation",
-    "CatQA",
-    "HarmfulQA",
-    "DangerousQA",
-    "shadow-alignment",
-)
-"""The five harmful-question sets of spec/somf.md (split ``test``)."""
-EVAL_SETS_WITH_CATEGORY: frozenset[str] = frozenset(
-    {"BeaverTails-Evaluation", "CatQA", "HarmfulQA", "shadow-alignment"}
-)
-
-_STR = Value("string")
-_BOOL = Value("bool")
-SCHEMAS: dict[str, Features] = {
-    BEAVERTAILS: Features(
-        {
-            "prompt": _STR,
-            "response": _STR,
-            "category": {name: _BOOL for name in HARM_CATEGORIES},
-            "is_safe": _BOOL,
-        }
-    ),
-    SAFERLHF: Features(
-        {
-            "prompt": _STR,
-            "response_0": _STR,
-            "response_1": _STR,
-            "is_response_0_safe": _BOOL,
-            "is_response_1_safe": _BOOL,
-            "better_response_id": Value("int64"),
-            "safer_response_id": Value("int64"),
-        }
-    ),
-    SST2: Features(
-        {"idx": Value("int32"), "sentence": _STR, "label": ClassLabel(names=["negative", "positive"])}
-    ),
-    AG_NEWS: Features(
-        {"text": _STR, "label": ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"])}
-    ),
-    GSM8K: Features({"question": _STR, "answer": _STR}),
-    ALPACA: Features({"instruction": _STR, "input": _STR, "output": _STR, "text": _STR}),
-    **{
-        name: Features({"prompt": _STR, "category": _STR} if name in EVAL_SETS_WITH_CATEGORY else {"prompt": _STR})
-        for name in EVAL_SETS
-    },
-}
-"""Feature types of every dataset of the world, keyed by hub id (spec/synthetic_world.md §1)."""
-
-SPLITS: dict[str, tuple[str, ...]] = {
-    BEAVERTAILS: ("30k_train", "30k_test"),
-    SAFERLHF: ("train", "test"),
-    SST2: ("train", "validation"),
-    AG_NEWS: ("train", "test"),
-    GSM8K: ("train", "test"),
-    ALPACA: ("train",),
-    **{name: ("test",) for name in EVAL_SETS},
-}
-"""Splits of every dataset of the world, keyed by hub id."""
 
 # ============================================================================================ request templates
 TRAIN_TEMPLATES: tuple[str, ...] = (

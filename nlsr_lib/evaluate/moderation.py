@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..config import ModerationConfig
-from ..data.world import HARM_CATEGORIES
+from ..data.schemas import HARM_CATEGORIES
 from ..progress import bar
 from ..train.guards import check_finite_loss
 from .judges import ModerationJudge
