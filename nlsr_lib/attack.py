@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import distributed
 from .config import Params, to_dict
 from .pipeline import ModelRef, aligned_adapter_ref, generate_for, load_sources, world_stage
 from .runs import Artifact, Run, atomic_write_json
@@ -67,11 +68,13 @@ def attack_stage(params: Params, run: Run, method: str, task: str, p: float, n: 
         model = load_causal_lm(start.base, params.model)
         summary = finetune(model, tokenizer, start.adapter, records, params.attack.train, peft_lora_config(params.lora),
                            out / "adapter", params.model.dtype, quiet=not bars_enabled())
-        tokenizer.save_pretrained(str(out / "adapter"))
+        if distributed.is_main():  # under a launcher every rank trained; rank 0 alone writes
+            tokenizer.save_pretrained(str(out / "adapter"))
         return summary
 
     tag = f"{method}/{mixture.stage.removeprefix('mixtures/')}"
-    artifact = run.stage(f"attack/{tag}", config, build, inputs={"start": start.artifact, "mixture": mixture})
+    artifact = run.stage(f"attack/{tag}", config, build, inputs={"start": start.artifact, "mixture": mixture},
+                         distributed_build=True)
     return ModelRef(f"attack/{tag}", start.base, str(artifact.path / "adapter"), artifact)
 
 

@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .config import LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +59,7 @@ def load_causal_lm(path_or_id: str | Path, cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path_or_id), dtype=DTYPES[cfg.dtype], device_map=resolve_device_map(cfg.device_map),
+        str(path_or_id), dtype=DTYPES[cfg.dtype], device_map=distributed.device_map(resolve_device_map(cfg.device_map)),
         trust_remote_code=cfg.trust_remote_code,
     )
     with torch.no_grad():

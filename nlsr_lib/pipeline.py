@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import distributed
 from .config import Params, to_dict
 from .progress import bars_enabled
 from .runs import Artifact, Run, atomic_write_json
@@ -183,13 +184,14 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
         rows = spec.rows(params, load_sources(params, run))
         summary = train_adapter(spec, model, tokenizer, rows, tc, peft_lora_config(params.lora), out / "adapter",
                                 params.model.dtype, quiet=not bars_enabled())
-        tokenizer.save_pretrained(str(out / "adapter"))
-        if method == "sft":
-            merge_adapter(start_dir, out / "adapter", out / "merged", params.model)
+        if distributed.is_main():  # under a launcher every rank trained; rank 0 alone writes
+            tokenizer.save_pretrained(str(out / "adapter"))
+            if method == "sft":
+                merge_adapter(start_dir, out / "adapter", out / "merged", params.model)
         return summary
 
     inputs = {"start": start, "world": world_stage(params, run)} if params.model.name == TINY else {"start": start}
-    return run.stage(f"align/{method}", config, build, inputs=inputs)
+    return run.stage(f"align/{method}", config, build, inputs=inputs, distributed_build=True)
 
 
 # --------------------------------------------------------------------------------------------- evaluation

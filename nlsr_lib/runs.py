@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from . import distributed
 from .paths import runs_dir
 
 MANIFEST = "manifest.json"
@@ -90,18 +91,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def _distributed_rank() -> tuple[int, int]:
-    """(rank, world size) under torchrun / accelerate launch; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -176,7 +165,8 @@ class Run:
         self.interrupted: str | None = None  # the innermost stage a KeyboardInterrupt stopped (for its message)
         self._memo: dict[str, Any] = {}
         self.swept: list[Path] = []  # leftovers of killed builds removed on creation (rank 0 only)
-        if _distributed_rank()[0] == 0:
+        distributed.init()  # under a launcher: the process group exists before any stage needs a barrier
+        if distributed.is_main():
             self.swept = sweep_leftovers(self.root)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -204,11 +194,16 @@ class Run:
         return Artifact(stage, path, fp, cached=True) if recorded == fp else None
 
     def stage(self, stage: str, config: Mapping[str, Any], build: Callable[[Path], Mapping[str, Any] | None],
-              inputs: Mapping[str, Artifact] | None = None) -> Artifact:
+              inputs: Mapping[str, Artifact] | None = None, distributed_build: bool = False) -> Artifact:
         """Return the artifact of ``stage``, building it with ``build(tmp_dir)`` unless cached.
 
         ``config`` is the JSON-able configuration that determines the output; ``inputs`` are upstream
         artifacts. ``build`` may return a dict of summary values that is stored in the manifest.
+
+        Under a launcher (:mod:`nlsr_lib.distributed`) a local stage is built by rank 0 alone while the other ranks
+        wait for its manifest on disk (no collective call, so ranks may reach a stage by different paths, e.g. a
+        value one rank has memoised); a ``distributed_build`` (a training, which every rank reaches together) is
+        built by every rank into one shared temporary directory between two barriers, and finalised by rank 0.
         """
         inputs = dict(inputs or {})
         cached = self.lookup(stage, config, inputs)
@@ -219,42 +214,62 @@ class Run:
             return cached
         fp = fingerprint(stage, config, {k: a.fingerprint for k, a in inputs.items()})
         final = self.stage_dir(stage)
+        launched = distributed.is_multiprocess()
+        shared = launched and distributed_build
+        if launched and not distributed.is_main() and not shared:
+            return self._built_by_rank0(stage, final, fp)
         final.parent.mkdir(parents=True, exist_ok=True)
-        rank, world_size = _distributed_rank()
-        # Under `accelerate launch` every rank builds into the same directory; rank 0 alone finalises it.
-        suffix = fp[:12] if world_size > 1 else _owner_tag()
-        tmp = final.parent / f".tmp-{final.name}-{suffix}"
-        tmp.mkdir(exist_ok=world_size > 1)
+        tmp = final.parent / f".tmp-{final.name}-{fp[:12] if shared else _owner_tag()}"
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # a shared name may hold a killed launch's half-written build
+            tmp.mkdir()
+        if shared:
+            distributed.barrier()  # the shared directory exists before any rank writes into it
         start = time.perf_counter()
         if not self.quiet:
             print(f"[nlsr] {stage}: building")
         try:
             summary = build(tmp) or {}
-            if rank != 0:
-                _barrier()
-                return Artifact(stage, final, fp, cached=False)
-            manifest = {
-                "stage": stage,
-                "fingerprint": fp,
-                "config": config,
-                "inputs": {k: {"stage": a.stage, "fingerprint": a.fingerprint} for k, a in inputs.items()},
-                "summary": dict(summary),
-                "seconds": round(time.perf_counter() - start, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            atomic_write_json(tmp / MANIFEST, manifest)
-            self._replace(tmp, final)
-            if world_size > 1:
-                _barrier()
+            if shared:
+                distributed.barrier()  # every rank's part of the build is written
+            if distributed.is_main():
+                manifest = {
+                    "stage": stage,
+                    "fingerprint": fp,
+                    "config": config,
+                    "inputs": {k: {"stage": a.stage, "fingerprint": a.fingerprint} for k, a in inputs.items()},
+                    "summary": dict(summary),
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+                atomic_write_json(tmp / MANIFEST, manifest)
+                self._replace(tmp, final)
         except BaseException as err:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if distributed.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, KeyboardInterrupt) and self.interrupted is None:
                 self.interrupted = stage
             raise
+        if not distributed.is_main():
+            return self._built_by_rank0(stage, final, fp)
         seconds = time.perf_counter() - start
         self.log.append((stage, False, seconds))
         if not self.quiet:
             print(f"[nlsr] {stage}: done in {seconds:.1f}s")
+        return Artifact(stage, final, fp, cached=False)
+
+    def _built_by_rank0(self, stage: str, final: Path, fp: str, poll_seconds: float = 0.2) -> Artifact:
+        """Wait until rank 0 has finalised ``stage`` with fingerprint ``fp`` (a rank other than 0). If rank 0 fails,
+        the launcher ends every rank, so the wait has no time limit of its own."""
+        manifest = final / MANIFEST
+        while True:
+            try:
+                if json.loads(manifest.read_text()).get("fingerprint") == fp:
+                    break
+            except (OSError, json.JSONDecodeError):
+                pass
+            time.sleep(poll_seconds)
+        self.log.append((stage, False, 0.0))
         return Artifact(stage, final, fp, cached=False)
 
     @staticmethod

@@ -86,15 +86,64 @@ def test_atomic_writes_replace_whole_files(tmp_path):
     assert os.listdir(path.parent) == ["x.json"]
 
 
-def test_under_a_launcher_only_rank_zero_finalises(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    run = Run("t", root=tmp_path, quiet=True)
-    run.stage("s", {}, _writer([]))
-    assert not (tmp_path / "s").exists()  # rank 1 built its share into the shared temp dir only
-    monkeypatch.setenv("RANK", "0")
-    art = run.stage("s", {}, _writer([]))
-    assert (art.path / MANIFEST).is_file() and [p.name for p in tmp_path.iterdir()] == ["s"]
+RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from nlsr_lib.runs import Run
+from nlsr_lib import distributed
+
+root, rank = Path(sys.argv[1]), distributed.rank()
+run = Run("t", root=root, quiet=True)
+log = root.parent / f"log{rank}.jsonl"
+
+def note(what):
+    with open(log, "a") as fh:
+        fh.write(json.dumps(what) + "\\n")
+
+def nested(out):
+    note("nested")
+    (out / "n.txt").write_text("n")
+
+def local(out):  # rank 0 alone; a stage nested in it must not wait for the other rank
+    note("local")
+    run.stage("inner", {}, nested)
+    (out / "l.txt").write_text("l")
+
+def trained(out):  # every rank, one shared directory
+    note("trained")
+    (out / f"rank{rank}.txt").write_text(str(rank))
+
+a = run.stage("local", {"x": 1}, local)
+b = run.stage("trained", {"x": 1}, trained, distributed_build=True)
+c = run.stage("local", {"x": 1}, local)  # cached on every rank
+print(json.dumps([str(a.path), str(b.path), c.cached, sorted(p.name for p in b.path.iterdir())]))
+"""
+
+
+def test_under_a_launcher_rank_zero_builds_local_stages_and_every_rank_trains(tmp_path):
+    """Two real processes (gloo): a local stage (with a stage nested in its build) is built once, by rank 0, and
+    the other rank reads it; a distributed build runs on both ranks into one directory that rank 0 finalises."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = tmp_path / "runs"
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(root)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1]  # the same artifacts on both ranks
+    local, trained, cached, files = results[0]
+    assert cached and files == ["manifest.json", "rank0.txt", "rank1.txt"]
+    logs = {r: (tmp_path / f"log{r}.jsonl").read_text().split() for r in (0, 1)}
+    assert logs[0] == ['"local"', '"nested"', '"trained"'] and logs[1] == ['"trained"']
+    assert sorted(p.name for p in root.iterdir()) == ["inner", "local", "trained"]  # nothing temporary left
 
 
 def _dead_pid() -> int:
