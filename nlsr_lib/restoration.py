@@ -33,7 +33,6 @@ REFERENCES = ("expo", "plain")
 DEFENCE_VARIANTS = {  # name -> (registered defence, parameter overrides): rows beside the profile's defences
     "safelora_delta": ("safelora", {"update": "finetuning_delta"}),
 }
-SELECTION_FILE = "selection.json"
 
 
 def reference_for(params: Params, run: Run, method: str, reference: str = "expo") -> ModelRef:
@@ -83,8 +82,7 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
 
     def build(out: Path) -> dict:
         records = defend(defence, attacked.adapter, out / "adapter", reference_dir=ref.adapter,
-                         mask=mask_file if spec.uses_mask else None, **kwargs)
-        (out / SELECTION_FILE).write_text(json.dumps(records, indent=1) + "\n")
+                         mask=mask_file if spec.uses_mask else None, **kwargs)  # writes adapter/selection.json
         return {"selected": sum(r["selected"] for r in records), "modules": len(records)}
 
     tag = f"restore/{name}/{attacked.tag.removeprefix('attack/')}{tag_suffix}"
@@ -94,7 +92,9 @@ def defence_stage(params: Params, run: Run, attacked: ModelRef, method: str, def
 
 def selection_records(ref: ModelRef) -> list[dict]:
     """The per-module records (name, layer, module_type, similarity, probability, selected) of a defended model."""
-    return json.loads((Path(ref.adapter).parent / SELECTION_FILE).read_text())
+    from .restore import SELECTION_FILE
+
+    return json.loads((Path(ref.adapter) / SELECTION_FILE).read_text())
 
 
 def defence_names(params: Params) -> list[str]:
