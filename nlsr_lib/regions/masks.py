@@ -35,7 +35,7 @@ def atomic_save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # created 0666 & ~umask, not mkstemp's 0600
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # 0666 & ~umask (not mkstemp 0600); swept if killed
     try:
         save_file(dict(tensors), tmp, metadata=meta)
         os.replace(tmp, path)
