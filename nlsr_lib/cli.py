@@ -4,6 +4,7 @@
 * ``nlsr stage NAME --params FILE [--method M] [--force]`` runs one stage (under ``accelerate launch`` for
   multi-GPU training); stage names come from :data:`STAGES`. ``nlsr stage list`` lists them, one line each.
 * ``nlsr params FILE`` validates a params file and prints it fully resolved.
+* ``nlsr cache ls|gc --params FILE`` lists the profile's cached artifacts / removes what killed builds left.
 * ``nlsr bench NAME [ARGS...]`` runs one benchmark of ``benchmarks/NAME.py`` (its ``main(argv)``); the
   benchmark prints one JSON object as its last line. ``nlsr bench all`` runs every one in turn.
 
@@ -137,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("params", help="validate a params file and print it resolved")
     pa.add_argument("file")
 
+    ca = sub.add_parser("cache", help="the stage cache of a profile: 'ls' lists its artifacts, 'gc' removes what "
+                                      "killed builds left behind")
+    ca.add_argument("action", choices=("ls", "gc"))
+    ca.add_argument("--params", default="params/tiny.yaml")
+    ca.add_argument("--json", action="store_true", help="ls: one JSON object per artifact")
+    ca.add_argument("--dry-run", action="store_true", help="gc: only list what would be removed")
+
     be = sub.add_parser("bench", help="run a benchmark of benchmarks/ (last line: one JSON object)")
     be.add_argument("name", help="benchmark name (a file of benchmarks/), or 'all'")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -182,6 +190,8 @@ def _dispatch(args: argparse.Namespace, state: dict) -> int:
     if args.command == "params":
         print(dump_params(load_params(cli_path(args.file))), end="")
         return 0
+    if args.command == "cache":
+        return _cache(args)
     if args.command == "reproduce":
         from .reproduce import NotebookFailure, notebooks, reproduce
 
@@ -207,6 +217,35 @@ def _dispatch(args: argparse.Namespace, state: dict) -> int:
     state["run"], state["search"] = run, [run.root]
     artifact = STAGES[args.name](params, run, args)
     print(f"[nlsr] {artifact.stage}: {artifact.path}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """``nlsr cache ls``: one line per cached artifact (stage, fingerprint, size, build seconds, date) and a total;
+    ``nlsr cache gc``: remove the temporary files and directories of killed builds."""
+    import json
+
+    from .paths import runs_dir
+    from .runs import cached_artifacts, sweep_leftovers
+
+    root = runs_dir(load_params(cli_path(args.params)).profile)
+    if not root.is_dir():
+        print(f"[nlsr] no stage cache at {root}")
+        return 0
+    if args.action == "gc":
+        removed = sweep_leftovers(root, dry_run=args.dry_run)
+        for path in removed:
+            print(path)
+        print(f"[nlsr] {'would remove' if args.dry_run else 'removed'} {len(removed)} leftover(s) under {root}")
+        return 0
+    records = cached_artifacts(root)
+    for r in records:
+        print(json.dumps(r) if args.json else
+              f"{r['stage']:<60} {r['fingerprint'][:12]}  {r['bytes'] / 2**20:9.1f} MiB  {r['seconds'] or 0:8.1f} s  "
+              f"{r['created']}")
+    if not args.json:
+        total = sum(r["bytes"] for r in records) / 2**20
+        print(f"[nlsr] {len(records)} artifacts, {total:.1f} MiB under {root}")
     return 0
 
 

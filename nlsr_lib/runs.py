@@ -127,10 +127,11 @@ def _is_abandoned(path: Path, now: float, stale_seconds: float) -> bool:
         return False
 
 
-def sweep_leftovers(root: Path, stale_seconds: float = STALE_SECONDS) -> list[Path]:
+def sweep_leftovers(root: Path, stale_seconds: float = STALE_SECONDS, dry_run: bool = False) -> list[Path]:
     """Remove, anywhere under ``root``, the temporary directories (``.tmp-*``, ``.old-*``) and files (``.*.tmp``)
-    of builds and writes that were killed; returns what was removed. A temporary name of a live process, or of one
-    that cannot be checked and changed within ``stale_seconds``, is kept (see the module docstring)."""
+    of builds and writes that were killed; returns what was removed (``dry_run``: what would be). A temporary name
+    of a live process, or of one that cannot be checked and changed within ``stale_seconds``, is kept (see the
+    module docstring)."""
     removed: list[Path] = []
     now = time.time()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -139,16 +140,38 @@ def sweep_leftovers(root: Path, stale_seconds: float = STALE_SECONDS) -> list[Pa
             if _LEFTOVER_DIR.match(name):
                 dirnames.remove(name)  # never descend into a temporary directory
                 if _is_abandoned(here / name, now, stale_seconds):
-                    shutil.rmtree(here / name, ignore_errors=True)
+                    if not dry_run:
+                        shutil.rmtree(here / name, ignore_errors=True)
                     removed.append(here / name)
         for name in filenames:
             if _LEFTOVER_FILE.match(name) and _is_abandoned(here / name, now, stale_seconds):
                 try:
-                    (here / name).unlink()
+                    if not dry_run:
+                        (here / name).unlink()
                     removed.append(here / name)
                 except OSError:
                     pass
     return removed
+
+
+def cached_artifacts(root: Path) -> list[dict[str, Any]]:
+    """A readable index of the finished artifacts under a run directory: one record per ``manifest.json``
+    (temporary directories skipped) with the stage, its fingerprint, when it was built, how long it took and its
+    size on disk, sorted by stage."""
+    records = []
+    for manifest in sorted(Path(root).rglob(MANIFEST)):
+        directory = manifest.parent
+        if any(part.startswith(".") for part in directory.relative_to(root).parts):
+            continue
+        try:
+            recorded = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        records.append({"stage": recorded.get("stage", str(directory.relative_to(root))),
+                        "fingerprint": recorded.get("fingerprint", ""), "created": recorded.get("created", ""),
+                        "seconds": recorded.get("seconds"), "bytes": size})
+    return sorted(records, key=lambda r: r["stage"])
 
 
 class Run:

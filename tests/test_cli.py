@@ -52,6 +52,26 @@ def test_stage_world_runs_then_hits_the_cache(nlsr_home, capsys):
     assert manifest.stat().st_mtime_ns == before
 
 
+def test_cache_ls_lists_artifacts_and_gc_removes_leftovers(nlsr_home, capsys):
+    import json
+    import os
+
+    assert main(["stage", "world", "--params", SMOKE]) == 0
+    capsys.readouterr()
+    assert main(["cache", "ls", "--params", SMOKE, "--json"]) == 0
+    (world,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    manifest = json.loads((nlsr_home / "runs" / "smoke" / "world" / "manifest.json").read_text())
+    assert world["stage"] == "world" and world["fingerprint"] == manifest["fingerprint"] and world["bytes"] > 0
+    leftover = nlsr_home / "runs" / "smoke" / ".tmp-world-0123456789ab"  # a killed launch's shared build
+    leftover.mkdir()
+    old = leftover.stat().st_mtime - 3 * 24 * 3600
+    os.utime(leftover, (old, old))
+    assert main(["cache", "gc", "--params", SMOKE, "--dry-run"]) == 0 and leftover.is_dir()
+    assert "would remove 1 leftover" in capsys.readouterr().out
+    assert main(["cache", "gc", "--params", SMOKE]) == 0 and not leftover.exists()
+    assert (nlsr_home / "runs" / "smoke" / "world" / "manifest.json").is_file()  # artifacts are kept
+
+
 def test_align_stage_needs_a_method(nlsr_home, capsys):
     assert main(["stage", "align", "--params", SMOKE]) == 2
     assert "stage align needs --method (one of sft, dpo, orpo, kto, simpo)" in _one_line_error(capsys)
