@@ -27,6 +27,11 @@ from .modules import LoraModule
 from .parallel import map_modules
 
 Tensor = torch.Tensor
+def clip_cosine(cos: float) -> float:
+    """A cosine clipped to [-1, 1] against rounding; a NaN stays NaN (``min(1.0, nan)`` would hide it as 1.0)."""
+    return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))
+
+
 SIMILARITIES: Registry[Callable[..., float]] = Registry(names.SIMILARITIES)
 
 
@@ -51,7 +56,7 @@ def cosine(inner: float, sq_norm_1: float, sq_norm_2: float) -> float:
     if denom == 0.0:
         return 0.0
     cos = inner / denom
-    return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))  # min(1.0, nan) would hide a NaN as 1.0
+    return clip_cosine(cos)
 
 
 @register_similarity("gram")
@@ -74,7 +79,7 @@ def explicit_similarity(a: Tensor, b: Tensor, a_ref: Tensor, b_ref: Tensor,
     ar0, br0 = masked(a_ref, mask_a).to(dtype), masked(b_ref, mask_b).to(dtype)
     delta, delta_ref = b0 @ a0, br0 @ ar0
     cos = float(torch.nn.functional.cosine_similarity(delta.reshape(1, -1), delta_ref.reshape(1, -1)))
-    return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))  # a NaN stays visible
+    return clip_cosine(cos)
 
 
 def get_similarity(name: str) -> Callable[..., float]:
