@@ -39,50 +39,21 @@ from .registry import Registry
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-@dataclass(frozen=True)
-class CliStage:
-    """A stage the command line runs: the function ``function`` of :mod:`nlsr_lib.pipeline`."""
-
-    function: str
-    needs_method: bool = False
-
-    def stage_function(self):
-        from . import pipeline
-
-        return getattr(pipeline, self.function)
-
-    @property
-    def doc(self) -> str:
-        """The stage function's docstring summary (its first paragraph) on one line."""
-        return one_line((self.stage_function().__doc__ or "").strip().split("\n\n")[0])
-
-    def __call__(self, params, run, args):
-        fn = self.stage_function()
-        if self.needs_method:
-            if not args.method:
-                raise UsageError(f"stage {args.name} needs --method (one of {', '.join(params.alignment.methods)})")
-            if args.method not in params.alignment.methods:
-                raise UsageError(f"--method {args.method}: not among alignment.methods of this profile; choose one "
-                                 f"of {', '.join(params.alignment.methods)}")
-            return fn(params, run, args.method)
-        if args.method:
-            raise UsageError(f"stage {args.name} takes no --method (only align does)")
-        return fn(params, run)
-
-
-STAGES: Registry[CliStage] = Registry("stage")
-STAGES.register("world", CliStage("world_stage"))
-STAGES.register("tokenizer", CliStage("tokenizer_stage"))
-STAGES.register("base_model", CliStage("base_model_stage"))
-STAGES.register("moderation", CliStage("moderation_stage"))
-STAGES.register("align", CliStage("align_stage", needs_method=True))
-LIST = "list"  # ``nlsr stage list``
+LIST, RUN = "list", "run"  # ``nlsr stage list`` / ``nlsr stage run NAME``
 
 
 def stage_lines() -> list[str]:
-    """``nlsr stage list``: one line per stage, its name and its function's docstring summary."""
+    """``nlsr stage list``: one line per stage kind: name, version, device, declared reads, docstring summary."""
+    from .stages import STAGES
+
     width = max(map(len, STAGES))
-    return [f"{name:<{width}}  {stage.doc}" for name, stage in STAGES.items()]
+    lines = []
+    for name, kind in STAGES.items():
+        reads = ", ".join(kind.reads) or "-"
+        args = " ".join(f"{a}=…" for a in kind.args)
+        lines.append(f"{name:<{width}}  v{kind.version} {kind.device:<3}  {kind.doc}\n{'':<{width}}  "
+                     f"reads: {reads}{f'; arguments: {args}' if args else ''}")
+    return lines
 
 
 def cli_path(path: str) -> str:
@@ -129,17 +100,35 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--only", help="run only this notebook number: 01 ... 07")
     rep.add_argument("--from", dest="start", help="start at this notebook number: 01 ... 07")
 
-    st = sub.add_parser("stage", help="run one pipeline stage ('nlsr stage list' lists them)")
-    st.add_argument("name", choices=[*sorted(STAGES), LIST], help="a stage, or 'list' to list the stages")
+    st = sub.add_parser("stage", help="'nlsr stage list' lists the stage kinds; 'nlsr stage run NAME [key=value "
+                                      "...]' builds one (under accelerate launch for multi-GPU training)")
+    st.add_argument("action", choices=(LIST, RUN))
+    st.add_argument("name", nargs="?", help="run: the stage kind (see nlsr stage list)")
+    st.add_argument("pairs", nargs="*", metavar="key=value",
+                    help="run: the stage's arguments (method=dpo task=sst2 p=0.1 model=attack:dpo:sst2:0.1 ...); a "
+                         "dotted key overrides a params field (attack.n=200)")
     st.add_argument("--params", default="params/tiny.yaml")
-    st.add_argument("--method", choices=ALIGNMENT_METHODS.names(), help="alignment method of the align stage")
+    st.add_argument("--method", choices=ALIGNMENT_METHODS.names(), help="same as method=M")
     st.add_argument("--force", action="store_true", help="recompute this stage even if cached")
+
+    pl = sub.add_parser("plan", help="the stages the notebooks need, with counts per kind (nothing is built)")
+    pl.add_argument("--params", default="params/tiny.yaml")
+    pl.add_argument("--only", help="plan only this notebook number: 01 ... 07")
+    pl.add_argument("--json", action="store_true", help="one JSON object: totals, per kind, and every stage")
+
+    ru = sub.add_parser("run", help="build every stage the notebooks need, independent stages in parallel (Ray)")
+    ru.add_argument("--params", default="params/tiny.yaml")
+    ru.add_argument("--only", help="build only what this notebook needs: 01 ... 07")
+    ru.add_argument("--executor", default="local", help="local (one process) or ray (one task per stage)")
+    ru.add_argument("--workers", type=int, default=2, help="ray: CPUs of the local Ray started (default 2)")
+    ru.add_argument("--address", help="ray: join the Ray cluster at this address instead of starting one")
 
     pa = sub.add_parser("params", help="validate a params file and print it resolved")
     pa.add_argument("file")
 
     ca = sub.add_parser("cache", help="the stage cache of a profile: 'ls' lists its artifacts, 'gc' removes what "
-                                      "killed builds left behind")
+                                      "killed builds left behind and the artifacts no notebook reaches under "
+                                      "these params")
     ca.add_argument("action", choices=("ls", "gc"))
     ca.add_argument("--params", default="params/tiny.yaml")
     ca.add_argument("--json", action="store_true", help="ls: one JSON object per artifact")
@@ -192,6 +181,21 @@ def _dispatch(args: argparse.Namespace, state: dict) -> int:
         return 0
     if args.command == "cache":
         return _cache(args)
+    if args.command == "plan":
+        return _plan(args)
+    if args.command == "run":
+        from .reproduce import NUMBERS, notebooks
+        from .stages.executors import EXECUTORS, execute
+
+        notebooks(args.only)  # a bad --only is refused before anything runs
+        EXECUTORS[args.executor]
+        if args.workers < 1:
+            raise UsageError(f"--workers {args.workers}: must be at least 1")
+        state["what"] = f"nlsr run --executor {args.executor}"
+        built = execute(cli_path(args.params), [args.only] if args.only else NUMBERS, args.executor,
+                        workers=args.workers, address=args.address)
+        print(f"[nlsr] built {len(built)} stage(s)")
+        return 0
     if args.command == "reproduce":
         from .reproduce import NotebookFailure, notebooks, reproduce
 
@@ -205,38 +209,73 @@ def _dispatch(args: argparse.Namespace, state: dict) -> int:
         for name, seconds in timings:
             print(f"[nlsr] {name}: {seconds:.1f}s")
         return 0
-    if args.name == LIST:
+    if args.action == LIST:
         print("\n".join(stage_lines()))
         return 0
-    from .runs import Run
+    return _stage_run(args, state)
 
-    params = load_params(cli_path(args.params))
-    stage_name = f"align/{args.method}" if args.name == "align" and args.method else args.name
-    state["what"], state["stage"] = f"stage {stage_name}", stage_name
-    run = Run(params.profile, force=[stage_name] if args.force else [])
+
+def _stage_run(args: argparse.Namespace, state: dict) -> int:
+    """``nlsr stage run NAME [key=value ...]``: request one stage (built unless cached) and print where it is."""
+    from .runs import Run
+    from .stages import STAGES
+    from .stages.commands import parse_pairs, run_stage
+
+    if not args.name:
+        raise UsageError(f"nlsr stage run needs a stage name; stages: {', '.join(STAGES)}")
+    STAGES[args.name]
+    stage_args, overrides = parse_pairs(args.pairs)
+    if args.method:
+        stage_args["method"] = args.method
+    params = load_params(cli_path(args.params), overrides)
+    state["what"], state["stage"] = f"stage {args.name}", args.name
+    # plan first: bad arguments are refused before anything is created, and --force learns the stage's name
+    target = run_stage(params, Run(params.profile, planning=True, quiet=True), args.name, stage_args)
+    run = Run(params.profile, force=[getattr(target, "artifact", target).stage] if args.force else [])
     state["run"], state["search"] = run, [run.root]
-    artifact = STAGES[args.name](params, run, args)
+    result = run_stage(params, run, args.name, stage_args)
+    artifact = getattr(result, "artifact", result)
     print(f"[nlsr] {artifact.stage}: {artifact.path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``nlsr plan``: the table of stage kinds with their counts, or (``--json``) one JSON object."""
+    import json
+
+    from .reproduce import NUMBERS, notebooks
+    from .stages.plan import collect, table, to_json
+
+    notebooks(args.only)
+    plan = collect(load_params(cli_path(args.params)), [args.only] if args.only else NUMBERS)
+    print(json.dumps(to_json(plan)) if args.json else table(plan))
     return 0
 
 
 def _cache(args: argparse.Namespace) -> int:
     """``nlsr cache ls``: one line per cached artifact (stage, fingerprint, size, build seconds, date) and a total;
-    ``nlsr cache gc``: remove the temporary files and directories of killed builds."""
+    ``nlsr cache gc``: remove the temporary files and directories of killed builds, and every artifact that no
+    notebook reaches under these params (``--dry-run``: only list them)."""
     import json
 
     from .paths import runs_dir
-    from .runs import cached_artifacts, sweep_leftovers
+    from .runs import cached_artifacts, remove_unreachable, sweep_leftovers
 
-    root = runs_dir(load_params(cli_path(args.params)).profile)
+    params = load_params(cli_path(args.params))
+    root = runs_dir(params.profile)
     if not root.is_dir():
         print(f"[nlsr] no stage cache at {root}")
         return 0
     if args.action == "gc":
+        from .stages.plan import collect
+
+        reachable = set(collect(params).run.nodes)
         removed = sweep_leftovers(root, dry_run=args.dry_run)
-        for path in removed:
+        unreachable = remove_unreachable(root, reachable, dry_run=args.dry_run)
+        for path in [*removed, *unreachable]:
             print(path)
-        print(f"[nlsr] {'would remove' if args.dry_run else 'removed'} {len(removed)} leftover(s) under {root}")
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"[nlsr] {verb} {len(removed)} leftover(s) and {len(unreachable)} unreachable artifact(s) under {root}")
         return 0
     records = cached_artifacts(root)
     for r in records:

@@ -257,7 +257,8 @@ class SetDifferenceConfig:
 class RegionsConfig:
     """Safety-critical region scorers -> masks (spec/nlsr.md §4, DESIGN.md §6)."""
 
-    scorers: tuple[str, ...] = _f(("low_rank", "wanda", "snip", "preference_snip", "random"), choices=REGION_SCORERS)
+    scorers: tuple[str, ...] = _f(REGION_SCORERS.names(), choices=REGION_SCORERS,
+                                  doc="masks notebook 04 builds and compares; each scorer is its own stage")
     mask_sparsity: float = _f(0.8, range=(0.0, 1.0), open_hi=True, doc="pruned share; the mask keeps ⌈(1-s)·n⌉")
     rank_keep_ratio: float = _f(0.8, range=(0.0, 1.0), doc="low_rank: q = ⌊min(o, k)·ratio⌋ directions kept")
     svd: str = _f("exact", choices=("exact", "randomized"), doc="low_rank eigendecomposition")

@@ -58,25 +58,6 @@ def expo_adapter(adapter_dir: str | Path, out_dir: str | Path, alpha: float, mod
     return out_dir
 
 
-def expo_stage(params, run, method: str, alpha: float):
-    """The EXPO reference of ``method`` at ``alpha`` as a model under test (adapter files only).
-
-    The un-extrapolated model is alpha = 0 in ``paper`` mode (alpha = 0.5 in ``factor_scaling`` mode)."""
-    from .pipeline import ModelRef, aligned_adapter_ref
-
-    aligned = aligned_adapter_ref(params, run, method)
-    tag = f"expo/{params.expo.mode}/{method}/alpha{alpha:g}"
-
-    def build(out: Path) -> dict:
-        expo_adapter(aligned.adapter, out / "adapter", alpha, params.expo.mode)
-        scale_a, scale_b = expo_factors(alpha, params.expo.mode)
-        return {"scale_A": scale_a, "scale_B": scale_b}
-
-    artifact = run.stage(tag, {"method": method, "alpha": alpha, "mode": params.expo.mode}, build,
-                         inputs={"aligned": aligned.artifact})
-    return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
-
-
 def choose_alpha(val_scores: dict[float, float]) -> float:
     """The alpha with the lowest validation harmful score; ties go to the smallest alpha (least extrapolation)."""
     if not val_scores:

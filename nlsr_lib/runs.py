@@ -1,10 +1,16 @@
 """Run directory and stage cache (DESIGN.md §2).
 
-Every stage writes one artifact directory ``runs/<profile>/<stage>/`` containing its files and a
-``manifest.json`` with the stage's resolved config, the fingerprints of its inputs and its own fingerprint
-``sha256(stage, config, inputs)``. A stage is built in a temporary sibling directory and renamed into place
+Every stage writes one artifact directory ``runs/<profile>/<stage>/<fingerprint[:16]>/`` containing its files and
+a ``manifest.json`` with the stage's resolved config, the fingerprints of its inputs and its own fingerprint
+``sha256(stage, config, inputs)``: artifacts are addressed by fingerprint, so two settings of one stage (an
+ablation point, another params file) live side by side and neither replaces the other. A stage is built in a temporary sibling directory and renamed into place
 only when complete, so a killed run never leaves a directory the cache would trust; the next call rebuilds
 it. A later call with the same config and inputs returns the cached artifact; ``force`` recomputes.
+
+A :class:`Run` created with ``planning=True`` builds nothing: every ``stage`` call records a :class:`Node` (its
+fingerprint, upstream fingerprints, what it costs, and the build itself) and returns the artifact it *would* be, so
+a whole notebook's requests can be collected as a graph (:mod:`nlsr_lib.stages.plan`) and built later, in any
+order that respects the edges and by any process (:meth:`Run.build_node`).
 
 What a killed run leaves behind is swept by the next :class:`Run` of the profile (:func:`sweep_leftovers`):
 temporary names carry their owner, ``.tmp-<stage>-<pid>@<host>-<random>`` (also ``.old-…`` for a replaced
@@ -49,6 +55,37 @@ class Artifact:
 
     def manifest(self) -> dict[str, Any]:
         return json.loads((self.path / MANIFEST).read_text())
+
+
+@dataclass
+class Node:
+    """A stage request recorded by a planning :class:`Run`: everything needed to build it later."""
+
+    stage: str
+    kind: str
+    fingerprint: str
+    path: Path
+    config: Mapping[str, Any]
+    inputs: dict[str, Artifact]
+    build: Callable[[Path], Mapping[str, Any] | None]
+    counts: dict[str, int]
+    device: str = "cpu"
+    distributed_build: bool = False
+
+    @property
+    def upstream(self) -> list[str]:
+        return sorted({a.fingerprint for a in self.inputs.values()})
+
+    @property
+    def cached(self) -> bool:
+        return _recorded_fingerprint(self.path) == self.fingerprint
+
+
+def _recorded_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def fingerprint(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
@@ -174,13 +211,37 @@ def cached_artifacts(root: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["stage"])
 
 
+def remove_unreachable(root: Path, reachable: set[str], dry_run: bool = False) -> list[Path]:
+    """Remove every finished artifact under ``root`` whose fingerprint is not in ``reachable`` (the plan's); returns
+    the artifact directories removed (``dry_run``: that would be). An artifact directory that holds other
+    artifacts below it (a name of the layout before fingerprint addressing) loses only its own files."""
+    removed = []
+    for manifest in sorted(Path(root).rglob(MANIFEST)):
+        directory = manifest.parent
+        if any(part.startswith(".") for part in directory.relative_to(root).parts):
+            continue
+        if _recorded_fingerprint(directory) in reachable:
+            continue
+        removed.append(directory)
+        if dry_run:
+            continue
+        nested = {child for child in directory.iterdir() if child.is_dir() and any(child.rglob(MANIFEST))}
+        if not nested:
+            shutil.rmtree(directory, ignore_errors=True)
+            continue
+        for child in directory.iterdir():
+            if child not in nested:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    return removed
+
+
 class Run:
     """The run directory of one profile and its stage cache."""
 
-    def __init__(self, profile: str, root: Path | None = None, force: Iterable[str] = (), quiet: bool = False):
+    def __init__(self, profile: str, root: Path | None = None, force: Iterable[str] = (), quiet: bool = False,
+                 planning: bool = False):
         self.profile = profile
         self.root = Path(root) if root is not None else runs_dir(profile)
-        self.root.mkdir(parents=True, exist_ok=True)
         env_force = os.environ.get("NLSR_FORCE", "")
         self.force = set(force) | {s for s in env_force.split(",") if s}
         self.quiet = quiet
@@ -188,6 +249,11 @@ class Run:
         self.interrupted: str | None = None  # the innermost stage a KeyboardInterrupt stopped (for its message)
         self._memo: dict[str, Any] = {}
         self.swept: list[Path] = []  # leftovers of killed builds removed on creation (rank 0 only)
+        self.planning = planning
+        self.nodes: dict[str, Node] = {}  # planning: fingerprint -> node, in request order
+        if planning:  # a plan creates nothing on disk
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
         distributed.init()  # under a launcher: the process group exists before any stage needs a barrier
         if distributed.is_main():
             self.swept = sweep_leftovers(self.root)
@@ -198,26 +264,32 @@ class Run:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str, fp: str) -> Path:
+        """``<root>/<stage>/<fingerprint[:16]>``: where the artifact of ``stage`` with fingerprint ``fp`` lives."""
         if not stage or stage.startswith("/") or ".." in stage.split("/"):
             raise ValueError(f"invalid stage name {stage!r}: use slash-separated names without '..'")
-        return self.root / stage
+        return self.root / stage / fp[:16]
 
     def lookup(self, stage: str, config: Mapping[str, Any], inputs: Mapping[str, Artifact]) -> Artifact | None:
         """The cached artifact for exactly this config and these inputs, or None."""
         fp = fingerprint(stage, config, {k: a.fingerprint for k, a in inputs.items()})
-        path = self.stage_dir(stage)
-        manifest = path / MANIFEST
-        if stage in self.force or not manifest.is_file():
+        path = self.stage_dir(stage, fp)
+        if stage in self.force or _recorded_fingerprint(path) != fp:
             return None
+        return Artifact(stage, path, fp, cached=True)
+
+    def build_node(self, node: Node) -> Artifact:
+        """Build (or find cached) a node recorded by a planning run, as the original request would have."""
+        planning, self.planning = self.planning, False
         try:
-            recorded = json.loads(manifest.read_text()).get("fingerprint")
-        except json.JSONDecodeError:
-            return None
-        return Artifact(stage, path, fp, cached=True) if recorded == fp else None
+            return self.stage(node.stage, node.config, node.build, node.inputs,
+                              distributed_build=node.distributed_build)
+        finally:
+            self.planning = planning
 
     def stage(self, stage: str, config: Mapping[str, Any], build: Callable[[Path], Mapping[str, Any] | None],
-              inputs: Mapping[str, Artifact] | None = None, distributed_build: bool = False) -> Artifact:
+              inputs: Mapping[str, Artifact] | None = None, distributed_build: bool = False, *,
+              kind: str = "", counts: Mapping[str, int] | None = None, device: str = "cpu") -> Artifact:
         """Return the artifact of ``stage``, building it with ``build(tmp_dir)`` unless cached.
 
         ``config`` is the JSON-able configuration that determines the output; ``inputs`` are upstream
@@ -227,8 +299,17 @@ class Run:
         wait for its manifest on disk (no collective call, so ranks may reach a stage by different paths, e.g. a
         value one rank has memoised); a ``distributed_build`` (a training, which every rank reaches together) is
         built by every rank into one shared temporary directory between two barriers, and finalised by rank 0.
+
+        ``kind``, ``counts`` and ``device`` describe the request for a planning run (:class:`Node`).
         """
         inputs = dict(inputs or {})
+        if self.planning:
+            fp = fingerprint(stage, config, {k: a.fingerprint for k, a in inputs.items()})
+            path = self.stage_dir(stage, fp)
+            if fp not in self.nodes:
+                self.nodes[fp] = Node(stage, kind or stage.split("/")[0], fp, path, config, inputs, build,
+                                      dict(counts or {}), device, distributed_build)
+            return Artifact(stage, path, fp, cached=self.nodes[fp].cached)
         cached = self.lookup(stage, config, inputs)
         if cached is not None:
             if not self.quiet and all(s != stage for s, _, _ in self.log):
@@ -236,7 +317,7 @@ class Run:
             self.log.append((stage, True, 0.0))
             return cached
         fp = fingerprint(stage, config, {k: a.fingerprint for k, a in inputs.items()})
-        final = self.stage_dir(stage)
+        final = self.stage_dir(stage, fp)
         launched = distributed.is_multiprocess()
         shared = launched and distributed_build
         if launched and not distributed.is_main() and not shared:
@@ -311,5 +392,3 @@ class Run:
         built = sorted({stage for stage, cached, _ in self.log if not cached})
         return ", ".join(built) or "none (all cached)"
 
-    def summary(self, stage: str) -> dict[str, Any]:
-        return json.loads((self.stage_dir(stage) / MANIFEST).read_text())["summary"]

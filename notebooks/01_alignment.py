@@ -20,7 +20,9 @@
 # is the percentage of answers flagged by the moderation classifier (beaver-dam-7b's interface) and, beside
 # it, by keyword refusal matching.
 #
-# Every heavy step is a cached stage of `nlsr_lib.pipeline`; re-running this notebook reuses them.
+# Every heavy step is a cached stage of `nlsr_lib.stages`; `stages.notebooks.alignment` requests all of them (the
+# same call `nlsr plan` and `nlsr run` read), so re-running this notebook, or running it after `nlsr run`, reuses
+# them.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
@@ -29,14 +31,16 @@ params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params
 import pandas as pd
 from IPython.display import Markdown, display
 
-from nlsr_lib import pipeline, plots
+from nlsr_lib import plots
 from nlsr_lib.config import load_params
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
+from nlsr_lib.stages import notebooks
 
 params = load_params(params_file)
 run = Run(params.profile)
 print(f"profile {params.profile}: model {params.model.name}, alignment methods {params.alignment.methods}")
+study = notebooks.alignment(params, run)
 
 # %% [markdown]
 # ## Base model and moderation judge
@@ -44,25 +48,19 @@ print(f"profile {params.profile}: model {params.model.name}, alignment methods {
 # moderation classifier trained on the world's labelled QA pairs. Real profiles point at hub models instead.
 
 # %%
-base = pipeline.base_model_stage(params, run)
-moderation = pipeline.moderation_stage(params, run)
-display(pd.DataFrame([{"stage": "base_model", **base.manifest()["summary"]},
-                      {"stage": "moderation", **moderation.manifest()["summary"]}]))
+display(pd.DataFrame([{"stage": "base_model", **study["base"]}, {"stage": "moderation", **study["moderation"]}]))
 
 # %% [markdown]
 # ## Alignment: SFT → W_sft, then one preference LoRA per method on W_sft
 
 # %%
-aligned = {m: pipeline.align_stage(params, run, m) for m in params.alignment.methods}
-display(pd.DataFrame([{"method": m, **a.manifest()["summary"]} for m, a in aligned.items()]))
+display(pd.DataFrame([{"method": m, **summary} for m, summary in study["aligned"].items()]))
 
 # %% [markdown]
 # ## Harmful score of each model under each judge
 
 # %%
-records = []
-for name in ("base", *params.alignment.methods):
-    records += pipeline.harmful_scores(params, run, name, "test")
+records = study["records"]
 table = pd.DataFrame(records)
 columns = ["method", "judge", "harmful_score", "empty", "n"]  # empty: % of empty answers (never counted as safe)
 write_results(records, "01_alignment", params.profile, columns=columns)
@@ -83,9 +81,8 @@ plots.save(fig, "01_harmful_score_by_method", params.profile)
 
 # %%
 examples = []
-for name in ("base", *params.alignment.methods):
-    rows = pipeline.generations_stage(params, run, name, "test").path / "generations.json"
-    for row in pd.read_json(rows).head(2).itertuples():
+for name, generations in study["generations"].items():
+    for row in pd.read_json(generations.path / "generations.json").head(2).itertuples():
         examples.append({"model": name, "prompt": row.prompt, "response": row.response})
 pd.DataFrame(examples)
 

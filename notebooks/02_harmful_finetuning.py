@@ -30,65 +30,32 @@ params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params
 import pandas as pd
 from IPython.display import Markdown, display
 
-from nlsr_lib import attack, pipeline, plots
+from nlsr_lib import plots
 from nlsr_lib.config import load_params
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
+from nlsr_lib.stages import notebooks
 
 params = load_params(params_file)
 run = Run(params.profile)
 a = params.attack
 print(f"profile {params.profile}: n={a.n}, ratios {a.poison_ratios}, sizes {a.sizes}, tasks {a.tasks}")
 
+# %% [markdown]
+# Every attacked model, in the order of `stages.attack.attack_points`: DPO on every task at every ratio with the
+# clean control (safe rows instead of harmful ones); every other alignment method (and the unaligned base) on
+# SST-2 at `attack.methods_ratio`; DPO on SST-2 at every other mixture size. Each is trained, then measured:
+# harmful score (primary judge) and task accuracy (`stages.evaluate.measure`).
 
 # %%
-def measure(method: str, task: str, p: float, n: int, variant: str = "poisoned") -> dict:
-    """One attacked model: harmful score (primary judge) and task accuracy."""
-    ref = attack.attack_stage(params, run, method, task, p, n, variant)
-    acc = attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]
-    return {"task": task, "method": method, "variant": variant, "poison_ratio": p, "n": n,
-            "harmful_size": attack.harmful_count(n, p, variant),
-            **pipeline.primary_safety(params, run, ref),
-            "accuracy": acc["accuracy"], "accuracy_strict": acc["accuracy_strict"]}
-
+study = notebooks.harmful_finetuning(params, run)
+records = study["records"]
 
 # %% [markdown]
-# ## Before the attack: aligned models on each task
+# ## Before the attack: the DPO-aligned model on each task
 
 # %%
-before = []
-for method in ("dpo",):
-    ref = pipeline.aligned_adapter_ref(params, run, method)
-    for task in a.tasks:
-        acc = attack.task_accuracy_stage(params, run, ref, task).manifest()["summary"]
-        before.append({"task": task, "method": method, "accuracy": acc["accuracy"],
-                       "accuracy_strict": acc["accuracy_strict"]})
-pd.DataFrame(before)
-
-# %% [markdown]
-# ## Poison ratio sweep (DPO, every task) and the clean control
-
-# %%
-records = []
-for task in a.tasks:
-    for p in a.poison_ratios:
-        records.append(measure("dpo", task, p, a.n))
-    records.append(measure("dpo", task, a.size_sweep_ratio, a.n, "clean"))
-
-# %% [markdown]
-# ## Every alignment method at one ratio (SST-2), and the unaligned base
-
-# %%
-for method in (*[m for m in params.alignment.methods if m != "dpo"], pipeline.UNALIGNED):
-    records.append(measure(method, "sst2", a.methods_ratio, a.n))
-
-# %% [markdown]
-# ## Mixture size sweep (DPO, SST-2, fixed ratio)
-
-# %%
-for n in a.sizes:
-    if n != a.n:
-        records.append(measure("dpo", "sst2", a.size_sweep_ratio, n))
+pd.DataFrame(study["before"])
 
 # %%
 table = pd.DataFrame(records)

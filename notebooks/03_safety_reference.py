@@ -28,36 +28,24 @@ params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params
 import pandas as pd
 from IPython.display import Markdown, display
 
-from nlsr_lib import expo, pipeline, plots
+from nlsr_lib import plots
 from nlsr_lib.config import load_params
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
+from nlsr_lib.stages import notebooks
+from nlsr_lib.stages.expo import expo_alphas
 
 params = load_params(params_file)
 run = Run(params.profile)
 identity = 0.0 if params.expo.mode == "paper" else 0.5
-alphas = sorted({identity, *params.expo.alphas})
-print(f"profile {params.profile}: mode {params.expo.mode}, alphas {alphas}, methods {params.expo.methods}")
+print(f"profile {params.profile}: mode {params.expo.mode}, alphas {expo_alphas(params)}, methods {params.expo.methods}")
 
+# %% [markdown]
+# Each EXPO candidate's harmful score on the validation and test slices; `chosen` is the α of the method's
+# **reference** stage, the lowest validation score (ties: the smallest α), which notebooks 04–07 use.
 
 # %%
-def primary_score(ref, slice_name):
-    return pipeline.primary_harmful_score(params, run, ref, slice_name)
-
-
-def test_safety(ref) -> dict:
-    return pipeline.primary_safety(params, run, ref, "test")
-
-
-records = []
-for method in params.expo.methods:
-    rows = []
-    for alpha in alphas:
-        ref = expo.expo_stage(params, run, method, alpha)
-        rows.append({"method": method, "alpha": alpha, "mode": params.expo.mode,
-                     "val_harmful_score": primary_score(ref, "val"), **test_safety(ref)})
-    chosen = expo.choose_alpha({r["alpha"]: r["val_harmful_score"] for r in rows})
-    records += [{**r, "chosen": r["alpha"] == chosen} for r in rows]
+records = notebooks.safety_reference(params, run)["records"]
 table = pd.DataFrame(records)
 columns = ["method", "alpha", "mode", "val_harmful_score", "harmful_score", "empty", "chosen"]
 write_results(records, "03_safety_reference", params.profile, columns=columns)

@@ -34,35 +34,41 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from nlsr_lib import plots
-from nlsr_lib import safety_regions as sr
 from nlsr_lib.config import load_params
-from nlsr_lib.regions import SCORERS, jaccard, layer_density_records, overall_density
+from nlsr_lib.regions import jaccard, layer_density_records, overall_density
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
+from nlsr_lib.stages import notebooks
+from nlsr_lib.stages.expo import chosen_alpha
+from nlsr_lib.stages.regions import load_stage_mask
 
 params = load_params(params_file)
 run = Run(params.profile)
 r = params.regions
 print(f"profile {params.profile}: mask_sparsity {r.mask_sparsity}, rank_keep_ratio {r.rank_keep_ratio}, "
-      f"calibration n={r.calibration.n}, scorers {list(SCORERS)}")
+      f"calibration n={r.calibration.n}, scorers {list(r.scorers)}")
+study = notebooks.safety_regions(params, run)
+
+
+def reference_label(ref) -> str:
+    """A reference named by the EXPO candidate it is: ``expo/<mode>/<method>/alpha<α>``."""
+    return f"expo/{params.expo.mode}/{ref.tag.removeprefix('reference/')}/alpha{chosen_alpha(ref):g}"
 
 # %% [markdown]
 # ## Calibration set of the EXPO-DPO reference
 
 # %%
-reference = sr.reference_ref(params, run, "dpo")
-calibration = sr.calibration_stage(params, run, reference)
-display(pd.DataFrame([{"reference": reference.tag, **calibration.manifest()["summary"]}]))
+reference = study["reference"]
+display(pd.DataFrame([{"reference": reference_label(reference), **study["calibration"]}]))
 
 # %% [markdown]
 # ## A mask for every scorer on the EXPO-DPO reference
 
 # %%
 masks, records = {}, []
-for scorer in SCORERS:
-    artifact = sr.mask_stage(params, run, reference, scorer)
-    masks[scorer] = sr.load_stage_mask(artifact)
-    records.append({"scorer": scorer, "reference": reference.tag, "mask_sparsity": r.mask_sparsity,
+for scorer, artifact in study["masks"].items():
+    masks[scorer] = load_stage_mask(artifact)
+    records.append({"scorer": scorer, "reference": reference_label(reference), "mask_sparsity": r.mask_sparsity,
                     "density": overall_density(masks[scorer])})
 
 # %% [markdown]
@@ -70,12 +76,10 @@ for scorer in SCORERS:
 
 # %%
 method_masks = {}
-for method in params.expo.methods:
-    ref = sr.reference_ref(params, run, method)
-    artifact = sr.mask_stage(params, run, ref, "low_rank")
-    method_masks[method] = sr.load_stage_mask(artifact)
-    records.append({"scorer": "low_rank", "reference": ref.tag, "mask_sparsity": r.mask_sparsity,
-                    "density": overall_density(method_masks[method])})
+for method, artifact in study["method_masks"].items():
+    method_masks[method] = load_stage_mask(artifact)
+    records.append({"scorer": "low_rank", "reference": reference_label(study["method_refs"][method]),
+                    "mask_sparsity": r.mask_sparsity, "density": overall_density(method_masks[method])})
 display(Markdown(markdown_table(records)))
 
 # %% [markdown]

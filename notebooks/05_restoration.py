@@ -35,10 +35,11 @@ params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params
 import pandas as pd
 from IPython.display import Markdown, display
 
-from nlsr_lib import attack, pipeline, plots, restoration
+from nlsr_lib import plots
 from nlsr_lib.config import load_params
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
+from nlsr_lib.stages import notebooks
 
 params = load_params(params_file)
 run = Run(params.profile)
@@ -46,33 +47,12 @@ a = params.attack
 print(f"profile {params.profile}: defences {list(params.restore.defences)}, strategy {params.restore.strategy} "
       f"(ρ={params.restore.prune_rate}, ε={params.restore.epsilon}, favor {params.restore.favor})")
 
-
-# %%
-def defend_all(method: str, task: str, p: float) -> list[dict]:
-    """The aligned row and one row per defence of the ``method`` adapter attacked on ``task`` at ratio ``p``."""
-    aligned = pipeline.aligned_adapter_ref(params, run, method)
-    rows = [{"task": task, "method": method, "poison_ratio": p, "defense": "aligned",
-             **pipeline.primary_safety(params, run, aligned),
-             "accuracy": attack.task_accuracy(params, run, aligned, task)}]
-    attacked = attack.attack_stage(params, run, method, task, p)
-    for defence in restoration.defence_names(params):
-        ref = restoration.defence_stage(params, run, attacked, method, defence)
-        rows.append({"task": task, "method": method, "poison_ratio": p, "defense": defence,
-                     **pipeline.primary_safety(params, run, ref),
-                     "accuracy": attack.task_accuracy(params, run, ref, task)})
-    return rows
-
-
 # %% [markdown]
 # ## DPO: every task and poison ratio; every alignment method at one ratio (SST-2)
 
 # %%
-records = []
-for task in a.tasks:
-    for p in a.poison_ratios:
-        records += defend_all("dpo", task, p)
-for method in (m for m in params.alignment.methods if m != "dpo"):
-    records += defend_all(method, "sst2", a.methods_ratio)
+study = notebooks.restoration(params, run)  # each attacked adapter: the aligned row, then one row per defence
+records = study["records"]
 table = pd.DataFrame(records)
 write_results(records, "05_restoration", params.profile,
               columns=["task", "method", "poison_ratio", "defense", "harmful_score", "empty", "accuracy"])
@@ -110,12 +90,7 @@ display(summary(table[(table.task == "sst2") & (table.poison_ratio == a.methods_
 # One panel per poison ratio; marker = module type; filled markers are the modules NLSR restored.
 
 # %%
-similarity = []
-for p in a.poison_ratios:
-    attacked = attack.attack_stage(params, run, "dpo", "sst2", p)
-    for rec in restoration.selection_records(restoration.defence_stage(params, run, attacked, "dpo", "nlsr")):
-        similarity.append({**rec, "poison_ratio": p})
-fig = plots.layer_similarity(pd.DataFrame(similarity),
+fig = plots.layer_similarity(pd.DataFrame(study["similarity"]),
                              f"Safety similarity per layer, DPO on SST-2 ({params.profile}); filled = restored")
 plots.save(fig, "05_layer_similarity", params.profile)
 

@@ -38,33 +38,26 @@ params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params
 import pandas as pd
 from IPython.display import Markdown, display
 
-from nlsr_lib import attack, model_fusion, pipeline, plots
+from nlsr_lib import plots
 from nlsr_lib.config import load_params
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
+from nlsr_lib.stages import notebooks
+from nlsr_lib.stages.fusion import fusion_names
 
 params = load_params(params_file)
 run = Run(params.profile)
 f = params.fusion
-fusions = model_fusion.fusion_names(params)
-input_sets = [(task,) for task in params.attack.tasks] + [tuple(params.attack.tasks)]
-print(f"profile {params.profile}: {f.method} adapters attacked at p = {f.poison_ratio}; fusions {fusions}")
+print(f"profile {params.profile}: {f.method} adapters attacked at p = {f.poison_ratio}; "
+      f"fusions {fusion_names(params)}")
 
+# %% [markdown]
+# Per set of inputs (each task alone, then all together): the aligned adapter, the attacked one (single task) and
+# every fusion, each with its harmful score and its accuracy on every input task (and their mean).
 
 # %%
-def row(fusion: str, tasks: tuple, ref) -> dict:
-    accuracies = {f"accuracy_{t}": attack.task_accuracy(params, run, ref, t) for t in tasks}
-    return {"fusion": fusion, "inputs": "+".join(tasks), **pipeline.primary_safety(params, run, ref),
-            "accuracy": sum(accuracies.values()) / len(accuracies), **accuracies}
-
-
-records = []
-for tasks in input_sets:
-    records.append(row("aligned", tasks, pipeline.aligned_adapter_ref(params, run, f.method)))
-    if len(tasks) == 1:
-        records.append(row("none", tasks, model_fusion.task_refs(params, run, tasks)[0]))
-    for name in fusions:
-        records.append(row(name, tasks, model_fusion.fusion_stage(params, run, tasks, name)))
+study = notebooks.model_fusion(params, run)
+records = study["records"]
 table = pd.DataFrame(records)
 write_results(records, "06_model_fusion", params.profile,
               columns=["fusion", "inputs", "harmful_score", "empty", "accuracy"])
@@ -100,8 +93,7 @@ display(Markdown(markdown_table(regions[["fusion", "inputs", "harmful_score", "a
 # ## The learned mask's training: DPO loss and keep rate per step
 
 # %%
-histories = pd.concat([pd.DataFrame(model_fusion.mask_history(model_fusion.learned_mask_stage(params, run, tasks)))
-                       .assign(inputs="+".join(tasks)) for tasks in input_sets])
+histories = pd.concat([pd.DataFrame(history).assign(inputs=inputs) for inputs, history in study["histories"].items()])
 fig = plots.mask_training(histories, f"Learned safety mask (SOMF), {f.method} adapters ({params.profile})")
 plots.save(fig, "06_learned_mask_training", params.profile)
 

@@ -28,42 +28,32 @@ params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params
 import pandas as pd
 from IPython.display import Markdown, display
 
-from nlsr_lib import ablation, attack, pipeline, plots
+from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.restoration import selection_records
 from nlsr_lib.results import markdown_table, write_results
 from nlsr_lib.runs import Run
+from nlsr_lib.stages import notebooks
+from nlsr_lib.stages.ablation import ABLATIONS
 
 params = load_params(params_file)
 run = Run(params.profile)
 a = params.ablation
 print(f"profile {params.profile}: {a.method} attacked on {a.task} at p = {a.poison_ratio}; "
-      f"ablations {list(ablation.ABLATIONS)}")
+      f"ablations {list(ABLATIONS)}")
+study = notebooks.restoration_ablation(params, run)
 
+# %% [markdown]
+# ## Baselines: the aligned adapter and the attacked one (no defence)
 
 # %%
-def measure(ref) -> dict:
-    """Harmful score (primary judge, test slice) and task accuracy of one defended model."""
-    return {**pipeline.primary_safety(params, run, ref),
-            "accuracy": attack.task_accuracy(params, run, ref, a.task)}
-
-
-baselines = pd.DataFrame([
-    {"defense": name, **measure(ref)}
-    for name, ref in (("aligned", pipeline.aligned_adapter_ref(params, run, a.method)),
-                      ("none", ablation.attacked_ref(params, run)))])
+baselines = pd.DataFrame(study["baselines"])
 display(baselines.round(1))
 
 # %% [markdown]
 # ## Every ablation point
 
 # %%
-records = []
-for name, value, defence in ablation.ablation_points(params):
-    ref = ablation.ablation_stage(params, run, name, value, defence)
-    selection = selection_records(ref)
-    records.append({"ablation": name, "value": value, "defense": defence, **measure(ref),
-                    "restored_modules": sum(r["selected"] for r in selection), "modules": len(selection)})
+records = study["records"]
 table = pd.DataFrame(records)
 write_results(records, "07_restoration_ablation", params.profile,
               columns=["ablation", "value", "defense", "harmful_score", "empty", "accuracy", "restored_modules",

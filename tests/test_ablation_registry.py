@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nlsr_lib import ablation, model_fusion
+from nlsr_lib.stages import ablation
+from nlsr_lib.stages import fusion as model_fusion
 from nlsr_lib.config import ParamsError, load_params
 
 TINY = "params/tiny.yaml"
@@ -41,8 +42,6 @@ def test_each_ablation_changes_exactly_its_parameter(params, name, value, path, 
 def test_reference_scorer_and_rank_keep_points(params):
     assert ablation.get_ablation("reference").fn(params, "plain").reference == "plain"
     assert ablation.get_ablation("scorer").fn(params, "wanda").scorer == "wanda"
-    assert ablation.get_ablation("rank_keep_ratio").fn(params, 0.5).mask_suffix == "~keep0.5"
-    assert ablation.get_ablation("rank_keep_ratio").fn(params, params.regions.rank_keep_ratio).mask_suffix == ""
 
 
 def test_points_cover_every_ablation_with_controls_where_declared(params):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from nlsr_lib import attack, expo, pipeline
+from nlsr_lib.stages import align, attack, evaluate, expo, world
 from nlsr_lib.config import load_params
 from nlsr_lib.models import read_adapter
 from nlsr_lib.runs import Run
@@ -41,8 +41,8 @@ def test_attack_trains_the_aligned_adapter_further(smoke):
     attacked, _ = read_adapter(ref.adapter)
     assert sorted(aligned) == sorted(attacked)  # one LoRA parameter space (spec §1.1)
     assert any(not torch.equal(aligned[k], attacked[k]) for k in aligned)
-    assert ref.base == pipeline.location(pipeline.align_stage(params, run, "sft"), "merged")
-    summary = attack.task_accuracy_stage(params, run, ref, "sst2").manifest()["summary"]
+    assert ref.base == str(align.align_stage(params, run, "sft").path / "merged")
+    summary = evaluate.task_accuracy_stage(params, run, ref, "sst2").manifest()["summary"]
     assert set(summary) == {"accuracy", "accuracy_strict", "n"} and summary["n"] == params.attack.task_eval_size
     assert summary["accuracy_strict"] <= summary["accuracy"]
 
@@ -50,7 +50,7 @@ def test_attack_trains_the_aligned_adapter_further(smoke):
 def test_unaligned_baseline_is_a_fresh_lora_on_the_base(smoke):
     params, run = smoke
     ref = attack.attack_stage(params, run, "unaligned", "sst2", 0.1)
-    assert ref.base == pipeline.location(pipeline.base_model_stage(params, run))
+    assert ref.base == str(world.base_model_stage(params, run).path)
     state, config = read_adapter(ref.adapter)
     assert config["r"] == params.lora.r and state
 
@@ -58,7 +58,7 @@ def test_unaligned_baseline_is_a_fresh_lora_on_the_base(smoke):
 def test_expo_stage_scales_the_aligned_adapter(smoke):
     params, run = smoke
     aligned, _ = read_adapter(run.root / "align" / "kto" / "adapter") if (run.root / "align" / "kto").exists() \
-        else read_adapter(pipeline.aligned_adapter_ref(params, run, "kto").adapter)
+        else read_adapter(evaluate.aligned_adapter_ref(params, run, "kto").adapter)
     extrapolated, _ = read_adapter(expo.expo_stage(params, run, "kto", 0.5).adapter)
     for key, tensor in aligned.items():
         torch.testing.assert_close(extrapolated[key], tensor * (1.5 if ".lora_B." in key else 1.0))

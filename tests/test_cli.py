@@ -7,11 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from nlsr_lib import pipeline
 from nlsr_lib.cli import main
+from nlsr_lib.stages import STAGES
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 SMOKE = str(PARAMS / "smoke.yaml")
+
+
+def _world_manifest(nlsr_home: Path) -> Path:
+    (manifest,) = (nlsr_home / "runs" / "smoke" / "world").glob("*/manifest.json")  # world/<fingerprint[:16]>/
+    return manifest
+
+
+@pytest.fixture
+def patch_world(monkeypatch):
+    """Replace the request function of the stage kind ``world`` (what ``nlsr stage run world`` calls)."""
+    import dataclasses
+
+    def patch(function):
+        monkeypatch.setitem(STAGES._entries, "world", dataclasses.replace(STAGES["world"], function=function))
+    return patch
 
 
 def _one_line_error(capsys) -> str:
@@ -42,11 +57,11 @@ def test_a_params_path_is_looked_up_in_the_shell_directory_first(tmp_path, monke
 
 
 def test_stage_world_runs_then_hits_the_cache(nlsr_home, capsys):
-    assert main(["stage", "world", "--params", SMOKE]) == 0
-    manifest = nlsr_home / "runs" / "smoke" / "world" / "manifest.json"
+    assert main(["stage", "run", "world", "--params", SMOKE]) == 0
+    manifest = _world_manifest(nlsr_home)
     assert manifest.is_file() and "world: building" in capsys.readouterr().out
     before = manifest.stat().st_mtime_ns
-    assert main(["stage", "world", "--params", SMOKE]) == 0
+    assert main(["stage", "run", "world", "--params", SMOKE]) == 0
     out = capsys.readouterr().out
     assert "world: cached" in out and "building" not in out
     assert manifest.stat().st_mtime_ns == before
@@ -56,40 +71,43 @@ def test_cache_ls_lists_artifacts_and_gc_removes_leftovers(nlsr_home, capsys):
     import json
     import os
 
-    assert main(["stage", "world", "--params", SMOKE]) == 0
+    assert main(["stage", "run", "world", "--params", SMOKE]) == 0
     capsys.readouterr()
     assert main(["cache", "ls", "--params", SMOKE, "--json"]) == 0
     (world,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    manifest = json.loads((nlsr_home / "runs" / "smoke" / "world" / "manifest.json").read_text())
+    manifest = json.loads(_world_manifest(nlsr_home).read_text())
     assert world["stage"] == "world" and world["fingerprint"] == manifest["fingerprint"] and world["bytes"] > 0
     leftover = nlsr_home / "runs" / "smoke" / ".tmp-world-0123456789ab"  # a killed launch's shared build
     leftover.mkdir()
     old = leftover.stat().st_mtime - 3 * 24 * 3600
     os.utime(leftover, (old, old))
     assert main(["cache", "gc", "--params", SMOKE, "--dry-run"]) == 0 and leftover.is_dir()
-    assert "would remove 1 leftover" in capsys.readouterr().out
+    assert "would remove 1 leftover(s) and 0 unreachable" in capsys.readouterr().out
     assert main(["cache", "gc", "--params", SMOKE]) == 0 and not leftover.exists()
-    assert (nlsr_home / "runs" / "smoke" / "world" / "manifest.json").is_file()  # artifacts are kept
+    assert _world_manifest(nlsr_home).is_file()  # an artifact the plan reaches is kept
 
 
 def test_align_stage_needs_a_method(nlsr_home, capsys):
-    assert main(["stage", "align", "--params", SMOKE]) == 2
-    assert "stage align needs --method (one of sft, dpo, orpo, kto, simpo)" in _one_line_error(capsys)
+    assert main(["stage", "run", "align", "--params", SMOKE]) == 2
+    assert "stage align needs method=… (arguments: method)" in _one_line_error(capsys)
 
 
-def test_stage_list_prints_each_stage_with_its_summary(capsys):
+def test_stage_list_prints_each_stage_with_its_summary_and_reads(capsys):
+    from nlsr_lib.stages.world import world_stage
+
     assert main(["stage", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["world", "tokenizer", "base_model", "moderation", "align"]
-    assert lines[0].split(None, 1)[1] == pipeline.world_stage.__doc__.strip()
-    assert all(len(line.split()) > 3 for line in lines)  # every stage has its docstring summary
+    names = [line.split()[0] for line in lines[::2]]
+    assert names == list(STAGES) and {"world", "align", "attack", "reference", "mask", "restore", "fusion"} <= set(names)
+    assert lines[0].split(None, 3)[1:] == ["v2", "cpu", world_stage.__doc__.strip()]
+    assert all(line.split()[0] == "reads:" for line in lines[1::2])  # every stage declares what it reads
 
 
-def test_an_unknown_registry_name_is_a_one_line_error(nlsr_home, monkeypatch, capsys):
+def test_an_unknown_registry_name_is_a_one_line_error(nlsr_home, patch_world, capsys):
     from nlsr_lib.data.tasks import get_task
 
-    monkeypatch.setattr(pipeline, "world_stage", lambda params, run: get_task("mnli"))
-    assert main(["stage", "world", "--params", SMOKE]) == 2
+    patch_world(lambda params, run: get_task("mnli"))
+    assert main(["stage", "run", "world", "--params", SMOKE]) == 2
     assert "[nlsr] error: unknown task 'mnli'; registered: sst2, ag_news, gsm8k" in _one_line_error(capsys)
 
 
@@ -97,8 +115,13 @@ def test_an_unknown_registry_name_is_a_one_line_error(nlsr_home, monkeypatch, ca
     (["reproduce", "--params", SMOKE, "--only", "1"], "--only 1: expected a two-digit notebook number, one of 01, 02"),
     (["reproduce", "--params", SMOKE, "--only", "99"], "--only 99: there is no notebook 99; choose one of 01, 02"),
     (["reproduce", "--params", SMOKE, "--from", "99"], "--from 99: there is no notebook 99"),
-    (["stage", "align", "--params", SMOKE, "--method", "dpoo"], "invalid choice: 'dpoo'"),
-    (["stage", "wrold", "--params", SMOKE], "invalid choice: 'wrold'"),
+    (["stage", "run", "align", "--params", SMOKE, "--method", "dpoo"], "invalid choice: 'dpoo'"),
+    (["stage", "run", "wrold", "--params", SMOKE], "unknown stage 'wrold'; registered: world, tokenizer"),
+    (["stage", "run", "attack", "method=dpo", "task=sst2", "--params", SMOKE], "stage attack needs p=…"),
+    (["stage", "run", "world", "colour=red", "--params", SMOKE], "stage world takes no colour"),
+    (["stage", "run", "generations", "model=attack:dpo", "--params", SMOKE], "model=attack:dpo: not a model"),
+    (["plan", "--params", SMOKE, "--only", "8"], "--only 8: expected a two-digit notebook number"),
+    (["run", "--params", SMOKE, "--executor", "dask"], "unknown executor 'dask'; registered: local, ray"),
     (["bench", "nope"], "unknown benchmark 'nope'"),
 ])
 def test_bad_command_line_values_are_one_line_errors(argv, expected, nlsr_home, capsys):
@@ -123,21 +146,21 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
 
 
 def _stage_that(build_inner):
-    """A stand-in for pipeline.world_stage: stage `world` whose build runs stage `inner`, built by `build_inner`."""
+    """A stand-in for the world stage's request function: stage `world` whose build runs stage `inner`, built by `build_inner`."""
     def world_stage(params, run):
         return run.stage("world", {}, lambda out: run.stage("inner", {}, build_inner) and {})
     return world_stage
 
 
-def test_ctrl_c_in_a_stage_is_one_line_naming_it_and_exits_130(nlsr_home, monkeypatch, capsys):
+def test_ctrl_c_in_a_stage_is_one_line_naming_it_and_exits_130(nlsr_home, patch_world, capsys):
     def interrupted(out):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "world_stage", _stage_that(interrupted))
-    assert main(["stage", "world", "--params", SMOKE]) == 130
+    patch_world(_stage_that(interrupted))
+    assert main(["stage", "run", "world", "--params", SMOKE]) == 130
     err = _one_line_error(capsys)
     assert "interrupted: stage world (while building stage inner)" in err and "again to resume" in err
-    assert [p.name for p in (nlsr_home / "runs" / "smoke").iterdir()] == []  # nothing half-built is left
+    assert not [p for p in (nlsr_home / "runs" / "smoke").rglob("*") if p.is_file()]  # nothing half-built is left
 
 
 def test_ctrl_c_in_reproduce_names_the_notebook(nlsr_home, monkeypatch, capsys):
@@ -151,7 +174,7 @@ def test_ctrl_c_in_reproduce_names_the_notebook(nlsr_home, monkeypatch, capsys):
     assert "interrupted: notebook 02_harmful_finetuning.ipynb" in _one_line_error(capsys)
 
 
-def test_a_truncated_safetensors_file_is_named(nlsr_home, monkeypatch, capsys):
+def test_a_truncated_safetensors_file_is_named(nlsr_home, patch_world, capsys):
     import torch
 
     from nlsr_lib.models import read_adapter, write_adapter
@@ -164,19 +187,19 @@ def test_a_truncated_safetensors_file_is_named(nlsr_home, monkeypatch, capsys):
     def world_stage(params, run):
         return run.stage("world", {}, lambda out: read_adapter(adapter))
 
-    monkeypatch.setattr(pipeline, "world_stage", world_stage)
-    assert main(["stage", "world", "--params", SMOKE]) == 2
+    patch_world(world_stage)
+    assert main(["stage", "run", "world", "--params", SMOKE]) == 2
     err = _one_line_error(capsys)
     assert f"cannot read {weights}: not a complete safetensors file" in err and "truncated" in err
 
 
-def test_an_unexpected_exception_keeps_its_traceback(nlsr_home, monkeypatch):
+def test_an_unexpected_exception_keeps_its_traceback(nlsr_home, patch_world):
     def bug(params, run):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline, "world_stage", bug)
+    patch_world(bug)
     with pytest.raises(ZeroDivisionError):
-        main(["stage", "world", "--params", SMOKE])
+        main(["stage", "run", "world", "--params", SMOKE])
 
 
 def test_help_documents_the_exit_status(capsys):

@@ -17,7 +17,7 @@ from nlsr_lib.data.builders import (
     moderation_examples,
     safety_eval_prompts,
 )
-from nlsr_lib.data.world import BEAVERTAILS, HARM_CATEGORIES, SAFERLHF, SCHEMAS, generate_world
+from nlsr_lib.tiny.world import BEAVERTAILS, HARM_CATEGORIES, SAFERLHF, SCHEMAS, generate_world
 
 
 def _flags(*on: str) -> dict[str, bool]:

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from nlsr_lib.config import WorldConfig
 from nlsr_lib.data.mixing import POISON_RATIOS, count, poisoned_mixture
-from nlsr_lib.data.world import generate_world
+from nlsr_lib.tiny.world import generate_world
 
 WORLD = generate_world(WorldConfig(beavertails_train=1200, sst2_train=400, ag_news_train=400, gsm8k_train=400))
 BEAVER = WORLD["PKU-Alignment/BeaverTails"]["30k_train"].to_list()

@@ -12,7 +12,7 @@ from datasets import DatasetDict
 
 from nlsr_lib.data.builders import moderation_examples
 from nlsr_lib.data.templates import alpaca_prompt
-from nlsr_lib.data.world import (
+from nlsr_lib.tiny.world import (
     ALPACA,
     BEAVERTAILS,
     EVAL_SETS,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from nlsr_lib.config import ModerationConfig, WorldConfig
-from nlsr_lib.data.world import HARM_CATEGORIES, generate_world
+from nlsr_lib.tiny.world import HARM_CATEGORIES, generate_world
 from nlsr_lib.evaluate.judges import JUDGES, KeywordJudge, ModerationJudge, Verdict, build_judge, harmful_score
 
 
@@ -82,8 +82,8 @@ def test_registry_lists_names_on_error():
 
 
 def _tiny_classifier(tmp_path):
-    from nlsr_lib.evaluate.moderation import tiny_classifier
-    from nlsr_lib.tiny import train_tokenizer
+    from nlsr_lib.tiny.judge import tiny_classifier
+    from nlsr_lib.tiny.model import train_tokenizer
 
     tok = train_tokenizer(["BEGINNING OF CONVERSATION: USER: hello ASSISTANT: hi"] * 20, 300, tmp_path / "tok")
     model = tiny_classifier(tok, ModerationConfig(hidden_size=16, num_hidden_layers=1))

@@ -496,7 +496,7 @@ def test_jaccard_and_intersection():
 @pytest.fixture(scope="module")
 def tokenizer():
     from nlsr_lib.data.templates import alpaca_prompt
-    from nlsr_lib.tiny import train_tokenizer
+    from nlsr_lib.tiny.model import train_tokenizer
 
     texts = [alpaca_prompt(f"How do I bake bread number {i}?") + " Mix flour and water, then bake it." for i in
              range(30)]
@@ -512,7 +512,7 @@ ROWS = [{"instruction": f"How do I bake bread number {i}?", "input": "", "output
 
 def test_calibration_tokens_match_training(tokenizer):
     from nlsr_lib.data.templates import alpaca_prompt
-    from nlsr_lib.tiny import encode_pairs
+    from nlsr_lib.tiny.model import encode_pairs
 
     prompt = alpaca_prompt(ROWS[0]["instruction"])
     enc = R.encode_pair(tokenizer, prompt, ROWS[0]["output"])

@@ -81,11 +81,13 @@ def test_every_declared_name_is_registered_in_order(declared, module, attr):
 
 
 def test_every_family_is_a_registry():
-    from nlsr_lib import ablation, cli, model_fusion
     from nlsr_lib.data import tasks
     from nlsr_lib.evaluate import accuracy
+    from nlsr_lib.stages import STAGES, ablation, executors, notebooks
+    from nlsr_lib.stages import fusion as model_fusion
 
-    for reg in (cli.STAGES, ablation.ABLATIONS, accuracy.MATCHERS, model_fusion.FUSIONS, tasks.TASKS):
+    for reg in (STAGES, ablation.ABLATIONS, accuracy.MATCHERS, model_fusion.FUSIONS, tasks.TASKS,
+                notebooks.NOTEBOOK_STAGES, executors.EXECUTORS):
         assert isinstance(reg, Registry)
     assert accuracy.MATCHERS.names() == tasks.TASKS.names()
 

@@ -353,9 +353,10 @@ def test_defence_stage_gives_safelora_the_nlsr_mask_only_when_masked(tmp_path, m
     """``restore.safelora.masked: true`` used to be ignored by the defence stage (no mask was passed). With it the
     mask of NLSR's safety reference is an input and reaches SafeLoRA; ``masked: false`` keeps the stage's config
     and inputs exactly as before (a warm cache stays valid)."""
-    from nlsr_lib import restoration, safety_regions
-    from nlsr_lib.pipeline import ModelRef
     from nlsr_lib.runs import Artifact, Run
+    from nlsr_lib.stages import regions as safety_regions
+    from nlsr_lib.stages import restore as restoration
+    from nlsr_lib.stages.graph import ModelRef
 
     ft, ref = make_state(0), make_state(1)
     write_adapter(tmp_path / "ft", ft, CONFIG)
@@ -374,34 +375,34 @@ def test_defence_stage_gives_safelora_the_nlsr_mask_only_when_masked(tmp_path, m
     mask_refs = []
     monkeypatch.setattr(restoration, "aligned_adapter_ref", lambda params, run, method: aligned)
     monkeypatch.setattr(restoration, "reference_for", lambda params, run, method, reference="expo": expo_ref)
-    monkeypatch.setattr(safety_regions, "mask_stage",
-                        lambda params, run, r, scorer, sparsity=None, tag_suffix="": mask_refs.append(r)
-                        or artifact("mask"))
+    monkeypatch.setattr(restoration, "mask_stage",
+                        lambda params, run, r, scorer, sparsity=None: mask_refs.append(r) or artifact("mask"))
     run = Run("tiny", root=tmp_path / "runs", quiet=True)
     seen = {}
     real_stage = run.stage
 
-    def stage(tag, config, build, inputs=None):
-        seen[config["params"]["masked"]] = (config, dict(inputs))
-        return real_stage(tag, config, build, inputs=inputs)
+    def stage(tag, config, build, inputs=None, **kwargs):
+        seen[config["values"]["params"]["masked"]] = (config, dict(inputs))
+        return real_stage(tag, config, build, inputs=inputs, **kwargs)
 
     monkeypatch.setattr(run, "stage", stage)
     params = load_params(REPO / "params" / "tiny.yaml")
     out = {}
     for masked in (False, True):
         defended = restoration.defence_stage(params, run, attacked, "dpo", "safelora",
-                                             overrides={"masked": masked, "tau": 1.5}, tag_suffix=f"-{masked}")
+                                             overrides={"masked": masked, "tau": 1.5})
         out[masked] = read_adapter(defended.adapter)[0]
     config, inputs = seen[False]
-    assert config == {"defence": "safelora", "method": "dpo", "reference": "dpo", "scorer": None,
-                      "mask_sparsity": None, "params": config["params"]}
+    assert config["args"] == {"defence": "safelora", "method": "dpo", "scorer": None, "mask_sparsity": None}
     assert list(inputs) == ["attacked", "reference"]
     config, inputs = seen[True]
-    assert config["scorer"] == "low_rank" and inputs["mask"].fingerprint == "fp-mask" and mask_refs == [expo_ref]
+    assert config["args"]["scorer"] == "low_rank" and inputs["mask"].fingerprint == "fp-mask" and mask_refs == [expo_ref]
     with_mask, _ = safelora_state(ft, ref, mask, reference_scaling=lora_scaling(CONFIG), tau=1.5,
-                                  **{k: v for k, v in config["params"].items() if k in ("variant", "projection")})
+                                  **{k: v for k, v in config["values"]["params"].items()
+                                     if k in ("variant", "projection")})
     without, _ = safelora_state(ft, ref, None, reference_scaling=lora_scaling(CONFIG), tau=1.5,
-                                **{k: v for k, v in config["params"].items() if k in ("variant", "projection")})
+                                **{k: v for k, v in config["values"]["params"].items()
+                                   if k in ("variant", "projection")})
     assert same(out[True], with_mask) and same(out[False], without) and not same(out[True], out[False])
 
 
@@ -511,7 +512,7 @@ def test_benchmark_logic_at_a_tiny_shape(tmp_path):
 
 
 def test_defence_names_put_each_variant_after_its_defence():
-    from nlsr_lib.restoration import defence_names
+    from nlsr_lib.stages.restore import defence_names
 
     params = load_params(REPO / "params" / "tiny.yaml")
     names = defence_names(params)

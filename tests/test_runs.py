@@ -47,9 +47,9 @@ def test_force_recomputes(tmp_path):
     assert len(calls) == 2
 
 
-def test_a_failing_build_leaves_nothing_and_keeps_the_old_artifact(tmp_path):
+def test_a_failing_build_leaves_nothing_and_keeps_the_other_artifacts(tmp_path):
     run = Run("t", root=tmp_path, quiet=True)
-    run.stage("s", {"v": 1}, _writer([], "old"))
+    old = run.stage("s", {"v": 1}, _writer([], "old"))
 
     def boom(out):
         (out / "file.txt").write_text("half")
@@ -57,19 +57,45 @@ def test_a_failing_build_leaves_nothing_and_keeps_the_old_artifact(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run.stage("s", {"v": 2}, boom)
-    assert (tmp_path / "s" / "file.txt").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp directory left behind
+    assert (old.path / "file.txt").read_text() == "old"
+    assert [p.name for p in (tmp_path / "s").iterdir()] == [old.path.name]  # no temp directory left behind
     calls = []
-    run.stage("s", {"v": 2}, _writer(calls, "new"))  # resume: the stage is rebuilt, not trusted
-    assert calls and (tmp_path / "s" / "file.txt").read_text() == "new"
+    new = run.stage("s", {"v": 2}, _writer(calls, "new"))  # resume: the stage is rebuilt, not trusted
+    assert calls and (new.path / "file.txt").read_text() == "new"
+    assert (old.path / "file.txt").read_text() == "old"  # addressed by fingerprint: both settings are kept
+
+
+def test_artifacts_are_addressed_by_fingerprint(tmp_path):
+    run = Run("t", root=tmp_path, quiet=True)
+    a, b = (run.stage("s", {"v": v}, _writer([], str(v))) for v in (1, 2))
+    assert a.path == tmp_path / "s" / a.fingerprint[:16] and b.path == tmp_path / "s" / b.fingerprint[:16]
+    assert a.path != b.path and run.stage("s", {"v": 1}, _writer([])).cached  # switching back rebuilds nothing
 
 
 def test_directory_without_manifest_is_not_trusted(tmp_path):
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "file.txt").write_text("stale")
+    run = Run("t", root=tmp_path, quiet=True)
+    planned = Run("t", root=tmp_path, quiet=True, planning=True).stage("s", {}, _writer([]))
+    planned.path.mkdir(parents=True)
+    (planned.path / "file.txt").write_text("stale")
     calls = []
-    Run("t", root=tmp_path, quiet=True).stage("s", {}, _writer(calls))
-    assert calls and json.loads((tmp_path / "s" / MANIFEST).read_text())["stage"] == "s"
+    built = run.stage("s", {}, _writer(calls))
+    assert built.path == planned.path and calls and json.loads((built.path / MANIFEST).read_text())["stage"] == "s"
+
+
+def test_a_planning_run_records_nodes_and_builds_them_on_request(tmp_path):
+    planner = Run("t", root=tmp_path, quiet=True, planning=True)
+    calls = []
+    up = planner.stage("up", {"v": 1}, _writer(calls, "u"), counts={"trainings": 1})
+    down = planner.stage("down", {}, lambda out: (out / "x").write_text((up.path / "file.txt").read_text()) and {},
+                         inputs={"up": up})
+    assert calls == [] and not any(tmp_path.rglob("*.txt"))  # nothing built, nothing read
+    assert [n.stage for n in planner.nodes.values()] == ["up", "down"]  # inputs first
+    assert planner.nodes[down.fingerprint].upstream == [up.fingerprint]
+    assert planner.nodes[up.fingerprint].counts == {"trainings": 1} and not planner.nodes[up.fingerprint].cached
+    for node in planner.nodes.values():
+        planner.build_node(node)
+    assert (down.path / "x").read_text() == "u" and planner.planning  # built where the plan said, still planning
+    assert Run("t", root=tmp_path, quiet=True).stage("down", {}, _writer(calls), inputs={"up": up}).cached
 
 
 @pytest.mark.parametrize("name", ["", "/abs", "a/../b"])
@@ -184,7 +210,7 @@ def test_the_next_run_sweeps_what_killed_builds_left_behind(tmp_path):
     removed = {str(p.relative_to(tmp_path)) for p in run.swept}
     assert removed == {name for name, (gone, _) in tmp.items() if gone}
     assert all((tmp_path / name).exists() != gone for name, (gone, _) in tmp.items())
-    assert (tmp_path / "s" / MANIFEST).is_file()
+    assert (tmp_path / "s" / MANIFEST).is_file()  # a finished artifact is never a leftover
 
 
 def test_a_recent_write_deep_inside_keeps_an_unverifiable_leftover(tmp_path):

@@ -18,7 +18,7 @@ import json
 
 import pytest
 
-from nlsr_lib import attack, expo, pipeline
+from nlsr_lib.stages import attack, evaluate, expo
 from nlsr_lib.config import load_params
 from nlsr_lib.paths import results_dir, runs_dir
 from nlsr_lib.reproduce import reproduce
@@ -49,7 +49,7 @@ def _scores(records, judge="moderation"):
 
 
 def _primary(params, run, ref, slice_name="test") -> float:
-    return pipeline.primary_harmful_score(params, run, ref, slice_name)
+    return evaluate.primary_harmful_score(params, run, ref, slice_name)
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -107,7 +107,7 @@ def dpo_sst2_attacks(tiny_home):
     rows = {}
     for p in params.attack.poison_ratios:
         ref = attack.attack_stage(params, run, "dpo", "sst2", p)
-        acc = attack.task_accuracy_stage(params, run, ref, "sst2").manifest()["summary"]
+        acc = evaluate.task_accuracy_stage(params, run, ref, "sst2").manifest()["summary"]
         rows[p] = {"harmful_score": _primary(params, run, ref), **acc}
     clean = attack.attack_stage(params, run, "dpo", "sst2", 0.1, variant="clean")
     return rows, _primary(params, run, clean)
@@ -150,15 +150,15 @@ def test_nlsr_restores_safety_of_the_attacked_dpo_model(tiny_home):
     """DPO, SST-2, p = 0.1 (issue 5's target; the measured values are in results/tiny/05_restoration.json and the
     README): NLSR recovers ≥ 50 % of the attack's harmful-score rise, costs ≤ 5 accuracy points and ends below no
     defence and below the random-mask control of the same size."""
-    from nlsr_lib import restoration
+    from nlsr_lib.stages import restore as restoration
 
     params = tiny_home
     run = Run(params.profile, quiet=True)
 
     def acc(ref):
-        return attack.task_accuracy(params, run, ref, "sst2")
+        return evaluate.task_accuracy(params, run, ref, "sst2")
 
-    aligned = pipeline.aligned_adapter_ref(params, run, "dpo")
+    aligned = evaluate.aligned_adapter_ref(params, run, "dpo")
     attacked = attack.attack_stage(params, run, "dpo", "sst2", 0.1)
     nlsr = restoration.defence_stage(params, run, attacked, "dpo", "nlsr")
     control = restoration.defence_stage(params, run, attacked, "dpo", "random_mask")
@@ -175,14 +175,14 @@ def test_region_fusion_and_learned_mask_are_safer_than_their_baselines(tiny_home
     results/tiny/06_model_fusion.json and the README): the rank-level region fusion is safer than plain task
     arithmetic at comparable accuracy (issue 6), and the learned mask is safer than the same mask with its entries
     permuted within each tensor by more than 10 points."""
-    from nlsr_lib import model_fusion
+    from nlsr_lib.stages import fusion as model_fusion
 
     params = tiny_home
     run = Run(params.profile, quiet=True)
     ref = {name: model_fusion.fusion_stage(params, run, ("sst2",), name)
            for name in ("task_arithmetic", "region_rank_out", "learned_mask", "learned_mask_random")}
     harm = {name: _primary(params, run, r) for name, r in ref.items()}
-    accuracy = {name: attack.task_accuracy(params, run, r, "sst2") for name, r in ref.items()}
+    accuracy = {name: evaluate.task_accuracy(params, run, r, "sst2") for name, r in ref.items()}
     assert harm["region_rank_out"] < harm["task_arithmetic"], harm
     assert accuracy["region_rank_out"] >= accuracy["task_arithmetic"] - 5, accuracy
     assert harm["learned_mask"] < harm["learned_mask_random"] - 10, harm

@@ -9,7 +9,7 @@ from nlsr_lib.config import LoraConfig, ModelConfig, TinyModelConfig
 from nlsr_lib.data.templates import alpaca_prompt
 from nlsr_lib.evaluate.generation import generate_responses
 from nlsr_lib.models import lora_scaling, merge_adapter, peft_lora_config, read_adapter, write_adapter
-from nlsr_lib.tiny import encode_pairs, tiny_llama_config, train_tokenizer
+from nlsr_lib.tiny.model import encode_pairs, tiny_llama_config, train_tokenizer
 
 TEXTS = [alpaca_prompt(f"How do I bake bread number {i}?") + f"Sure, here is how. Step {i}: mix." for i in range(40)]
 
@@ -105,7 +105,7 @@ def test_non_finite_models_and_adapters_are_refused_at_load_by_name(tok, tmp_pat
     from peft import get_peft_model
 
     from nlsr_lib.models import load_causal_lm, load_with_adapter
-    from nlsr_lib.pipeline import ModelRef, generate_for
+    from nlsr_lib.stages.evaluate import ModelRef, generate_for
 
     cfg = ModelConfig(device_map="cpu")
     model = _tiny_model(tok)
@@ -147,7 +147,7 @@ def test_tokenizer_training_is_deterministic_across_processes(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from nlsr_lib.tiny import train_tokenizer; from nlsr_lib.data.templates import alpaca_prompt;"
+    code = ("import sys; from nlsr_lib.tiny.model import train_tokenizer; from nlsr_lib.data.templates import alpaca_prompt;"
             "train_tokenizer([alpaca_prompt(f'w{i} x{i%7} y{i%3}') + ' ab ba ab ba' for i in range(300)], 350, sys.argv[1])")
     digests = set()
     for run in range(2):

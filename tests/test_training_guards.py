@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from nlsr_lib.tiny import train_tokenizer
+    from nlsr_lib.tiny.model import train_tokenizer
 
     return train_tokenizer(TEXTS, 400, tmp_path_factory.mktemp("tok"))
 
@@ -30,7 +30,7 @@ def tok(tmp_path_factory):
 def _tiny_model(tok):
     from transformers import LlamaForCausalLM
 
-    from nlsr_lib.tiny import tiny_llama_config
+    from nlsr_lib.tiny.model import tiny_llama_config
 
     torch.manual_seed(0)
     cfg = TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -47,7 +47,7 @@ def test_check_finite_loss_names_where_step_and_value():
 
 
 def test_tiny_pretraining_stops_on_a_diverging_loss(tok):
-    from nlsr_lib.tiny import pretrain
+    from nlsr_lib.tiny.model import pretrain
 
     pairs = [(alpaca_prompt(f"Q{i}"), f"answer {i}") for i in range(8)]
     cfg = PretrainConfig(steps=4, batch_size=4, learning_rate=1e30, warmup_steps=0, max_length=64)
@@ -56,9 +56,9 @@ def test_tiny_pretraining_stops_on_a_diverging_loss(tok):
 
 
 def test_tiny_moderation_training_stops_on_a_diverging_loss(tok, tmp_path):
-    from nlsr_lib.evaluate.moderation import train_tiny_moderation
+    from nlsr_lib.tiny.judge import train_tiny_moderation
 
-    from nlsr_lib.data.world import HARM_CATEGORIES
+    from nlsr_lib.tiny.world import HARM_CATEGORIES
 
     rows = [{"text": TEXTS[i], "labels": [float(i % 2)] + [0.0] * (len(HARM_CATEGORIES) - 1)} for i in range(16)]
     cfg = ModerationConfig(train_steps=4, train_batch_size=4, learning_rate=1e30, hidden_size=16,

@@ -12,7 +12,7 @@ writes a PEFT adapter over W_sft. The fusions, in a registry (:data:`FUSIONS`):
   ``θ_aligned + (I − U Uᵀ) Δ``;
 * ``region_heads_outside``: heads ranked by the density of the safety mask in their rows/columns, the top
   ``fusion.head_fraction`` keep their aligned values;
-* ``learned_mask``: SOMF's mask learned with DPO on safety pairs (:mod:`.fusion.learned_mask`), exported as
+* ``learned_mask``: SOMF's mask learned with DPO on safety pairs (:mod:`nlsr_lib.fusion.learned_mask`), exported as
   ``fusion.learned_mask.export``;
 * ``learned_mask_random``: its control, the exported mask's entries randomly permuted within each tensor (same
   keep count and rescaling, positions not learned).
@@ -23,16 +23,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..config import Params
+from ..progress import bars_enabled
+from ..registry import Registry
+from ..runs import Artifact, Run, atomic_write_json
+from .align import _training_tokens, aligned_adapter_ref
 from .attack import attack_stage
-from .config import Params, to_dict
-from .pipeline import ModelRef, aligned_adapter_ref, load_sources
-from .progress import bars_enabled
-from .registry import Registry
-from .runs import Artifact, Run, atomic_write_json
+from .graph import ModelRef, request, stage_kind
+from .regions import SUBSPACE_FILE, load_stage_mask, mask_stage
+from .world import load_sources, source_inputs
 
 MASK_LOGITS_FILE = "mask_logits.safetensors"
 HISTORY_FILE = "history.json"
@@ -68,7 +71,7 @@ def register_fusion(name: str, uses_region: bool = False, trained: bool = False)
 
 
 def _operator_kwargs(params: Params, operator: str) -> dict:
-    from .fusion import get_merge, method_params
+    from ..fusion import get_merge, method_params
 
     f = params.fusion
     scope = f.ties_scope if get_merge(operator).trims else "tensor"
@@ -76,7 +79,7 @@ def _operator_kwargs(params: Params, operator: str) -> dict:
 
 
 def _register_operators() -> None:
-    from .fusion import MERGE_METHODS, merge_adapter_states
+    from ..fusion import MERGE_METHODS, merge_adapter_states
 
     for operator in MERGE_METHODS:
         def fuse(x: FusionInputs, operator=operator) -> dict[str, torch.Tensor]:
@@ -96,14 +99,12 @@ def _region_kwargs(x: FusionInputs) -> dict:
 
 
 def _region_mask(x: FusionInputs) -> dict[str, torch.Tensor]:
-    from .safety_regions import load_stage_mask
-
     return load_stage_mask(x.region)
 
 
 def _neuron(where: str):
     def fuse(x: FusionInputs) -> dict[str, torch.Tensor]:
-        from .fusion import fuse_neurons
+        from ..fusion import fuse_neurons
 
         return fuse_neurons(x.aligned, x.tasks, _region_mask(x), x.params.fusion.region_operator, where=where,
                             **_region_kwargs(x))
@@ -113,9 +114,8 @@ def _neuron(where: str):
 
 def _rank(mode: str):
     def fuse(x: FusionInputs) -> dict[str, torch.Tensor]:
-        from .fusion import fuse_ranks
-        from .regions.lowrank import load_subspaces
-        from .safety_regions import SUBSPACE_FILE
+        from ..fusion import fuse_ranks
+        from ..regions.lowrank import load_subspaces
 
         bases, _ = load_subspaces(x.region.path / SUBSPACE_FILE)
         return fuse_ranks(x.aligned, x.tasks, bases, x.params.fusion.region_operator, mode=mode,
@@ -133,7 +133,7 @@ register_fusion("region_rank_onto", uses_region=True)(_rank("onto"))
 @register_fusion("region_heads_outside", uses_region=True)
 def _heads_outside(x: FusionInputs) -> dict[str, torch.Tensor]:
     """Heads scored by the share of safety-critical entries they own (the mask as a 0/1 importance)."""
-    from .fusion import fuse_heads
+    from ..fusion import fuse_heads
 
     scores = {k: m.float() for k, m in _region_mask(x).items()}
     return fuse_heads(x.aligned, x.tasks, scores, x.params.fusion.region_operator, head_dim=x.head_dim,
@@ -168,9 +168,9 @@ def fusion_inputs(params: Params, run: Run, tasks: Sequence[str]) -> tuple[Model
 
 def region_stage(params: Params, run: Run) -> Artifact:
     """The NLSR safety region of ``fusion.method``: the low-rank mask (and subspaces) of its EXPO reference."""
-    from .safety_regions import mask_stage, reference_ref
+    from .expo import reference_stage
 
-    return mask_stage(params, run, reference_ref(params, run, params.fusion.method), "low_rank")
+    return mask_stage(params, run, reference_stage(params, run, params.fusion.method), "low_rank")
 
 
 def _inputs_tag(params: Params, tasks: Sequence[str]) -> str:
@@ -179,7 +179,7 @@ def _inputs_tag(params: Params, tasks: Sequence[str]) -> str:
 
 def _write_adapter(out: Path, state: Mapping[str, torch.Tensor], aligned_dir: Path, record: dict) -> Path:
     """The fused adapter (aligned adapter's config and dtype, tokenizer files copied) and its provenance."""
-    from .models import copy_tokenizer_files, read_adapter, write_adapter
+    from ..models import copy_tokenizer_files, read_adapter, write_adapter
 
     aligned, cfg = read_adapter(aligned_dir)
     adapter = out / "adapter"
@@ -189,27 +189,37 @@ def _write_adapter(out: Path, state: Mapping[str, torch.Tensor], aligned_dir: Pa
     return adapter
 
 
+def fusion_values(params: Params, name: str) -> dict:
+    """The settings fusion ``name`` reads: its operator's parameters, or for a region fusion the region operator's
+    (and ``fusion.head_fraction`` for the head-level region)."""
+    f = params.fusion
+    if not get_fusion(name).uses_region:
+        return {"operator_kwargs": _operator_kwargs(params, name)}
+    values = {"region_operator": f.region_operator, "operator_kwargs": _operator_kwargs(params, f.region_operator)}
+    if name == "region_heads_outside":
+        values["head_fraction"] = f.head_fraction
+    return values
+
+
+@stage_kind("fusion", consumes=("align", "attack", "mask"), args=("tasks", "name"))
 def fusion_stage(params: Params, run: Run, tasks: Sequence[str], name: str) -> ModelRef:
     """The aligned adapter fused with the attacked adapters of ``tasks`` by fusion ``name`` (module docstring)."""
     kind = get_fusion(name)
     if kind.trained:
         return kind.fn(params, run, tasks)
-    from .models import read_adapter
+    from ..models import read_adapter
 
     aligned, attacked, inputs = fusion_inputs(params, run, tasks)
     region = region_stage(params, run) if kind.uses_region else None
     if region is not None:
         inputs["region"] = region
-    f = to_dict(params.fusion)
-    f.pop("learned_mask")
-    config = {"fusion": name, "tasks": list(tasks), "fusion_params": f}
 
     def build(out: Path) -> dict:
+        from ..fusion.regions import head_dim_from_config
+
         state_aligned, _ = read_adapter(aligned.adapter)
         tasks_state = [read_adapter(r.adapter)[0] for r in attacked]
         base_config = json.loads((Path(aligned.base) / "config.json").read_text())
-        from .fusion.regions import head_dim_from_config
-
         x = FusionInputs(state_aligned, tasks_state, params, region, head_dim_from_config(base_config))
         state = kind.fn(x)
         _write_adapter(out, state, Path(aligned.adapter), {"fusion": name, "tasks": list(tasks),
@@ -218,16 +228,17 @@ def fusion_stage(params: Params, run: Run, tasks: Sequence[str], name: str) -> M
         return {"distance_from_aligned": moved}
 
     tag = f"fusion/{_inputs_tag(params, tasks)}/{name}"
-    artifact = run.stage(tag, config, build, inputs=inputs)
+    artifact = request(params, run, "fusion", tag, build, args={"tasks": list(tasks), "name": name},
+                       values=fusion_values(params, name), inputs=inputs)
     return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
 
 
 def _masked_fusion(params: Params, aligned: ModelRef, attacked: Sequence[ModelRef]):
     """The :class:`~.fusion.learned_mask.Fusion` a learned mask acts on: the aligned adapter, the attacked adapters'
     factor-space task vectors (each adapter read once) and ``fusion.learned_mask``'s merge settings."""
-    from .fusion import method_params
-    from .fusion.learned_mask import Fusion
-    from .models import read_adapter
+    from ..fusion import method_params
+    from ..fusion.learned_mask import Fusion
+    from ..models import read_adapter
 
     lm = params.fusion.learned_mask
     state_aligned = {k: v.float() for k, v in read_adapter(aligned.adapter)[0].items()}
@@ -239,21 +250,21 @@ def _masked_fusion(params: Params, aligned: ModelRef, attacked: Sequence[ModelRe
                   scope=params.fusion.ties_scope, rescale=lm.rescale, detach_mean=lm.detach_mean)
 
 
+@stage_kind("learned_mask", reads=("fusion.learned_mask", "fusion.ties_scope", "model"), consumes=("align", "attack"),
+            device="gpu", args=("tasks",))
 def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelRef:
     """SOMF's learned mask over the task vectors of ``tasks`` (somf §2), trained with DPO on the SafeRLHF ``test``
     split's safety pairs (chosen = the safe response; SOMF's realign data), exported as a fused adapter."""
-    from .data.builders import build_preference_pairs
-    from .fusion import method_params
-    from .fusion.learned_mask import export_adapter_state, train_mask
-    from .models import load_tokenizer, load_with_adapter
-    from .regions import preference_batches
-    from .regions.masks import atomic_save_tensors
+    from ..data.builders import build_preference_pairs
+    from ..fusion import method_params
+    from ..fusion.learned_mask import export_adapter_state, train_mask
+    from ..models import load_tokenizer, load_with_adapter
+    from ..regions import preference_batches
+    from ..regions.masks import atomic_save_tensors
 
     lm = params.fusion.learned_mask
     aligned, attacked, inputs = fusion_inputs(params, run, tasks)
-    config = {"tasks": list(tasks), "learned_mask": to_dict(lm), "model": to_dict(params.model),
-              "merge_params": method_params(params.fusion, lm.merge), "ties_scope": params.fusion.ties_scope,
-              "sources": params.data.sources.pku_saferlhf}
+    source_deps, source_values = source_inputs(params, run, "pku_saferlhf")
 
     def build(out: Path) -> dict:
         fusion = _masked_fusion(params, aligned, attacked)
@@ -282,8 +293,31 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
                 "mean_probability": last["mean_probability"]}
 
     tag = f"fusion/{_inputs_tag(params, tasks)}/learned_mask"
-    artifact = run.stage(tag, config, build, inputs=inputs)
+    counts = {"trainings": 1, "training_tokens": _training_tokens(2 * lm.n_pairs, _MaskTraining(lm)),
+              "model_loads": 1}
+    artifact = request(params, run, "learned_mask", tag, build, args={"tasks": list(tasks)},
+                       values={**source_values, "merge_params": method_params(params.fusion, lm.merge)},
+                       inputs={**inputs, **source_deps}, counts=counts)
     return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
+
+
+@dataclass(frozen=True)
+class _MaskTraining:
+    """The learned mask's training settings in the shape :func:`~nlsr_lib.stages.align._training_tokens` reads."""
+
+    lm: Any
+
+    @property
+    def max_steps(self) -> int:
+        return -1
+
+    @property
+    def epochs(self) -> float:
+        return self.lm.epochs
+
+    @property
+    def max_length(self) -> int:
+        return self.lm.max_length
 
 
 def mask_history(ref: ModelRef) -> list[dict]:
@@ -291,15 +325,17 @@ def mask_history(ref: ModelRef) -> list[dict]:
     return json.loads((Path(ref.adapter).parent / HISTORY_FILE).read_text())
 
 
+@stage_kind("learned_mask_random", reads=("fusion.learned_mask", "fusion.ties_scope"),
+            consumes=("learned_mask", "align", "attack"), args=("tasks",))
 def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelRef:
     """The learned mask's control: the exported mask permuted within each tensor (seed ``learned_mask.seed``)."""
-    from .fusion.learned_mask import ConcreteMask, fused_adapter_state, permuted_mask
-    from .regions.masks import read_tensors
+    from ..fusion.learned_mask import ConcreteMask, fused_adapter_state, permuted_mask
+    from ..fusion import method_params
+    from ..regions.masks import read_tensors
 
     lm = params.fusion.learned_mask
     learned = learned_mask_stage(params, run, tasks)
     aligned, attacked, inputs = fusion_inputs(params, run, tasks)
-    config = {"tasks": list(tasks), "export": lm.export, "seed": lm.seed}
 
     def build(out: Path) -> dict:
         logits, _ = read_tensors(learned.artifact.path / MASK_LOGITS_FILE)
@@ -313,7 +349,9 @@ def learned_mask_random_stage(params: Params, run: Run, tasks: Sequence[str]) ->
         return {"keep_rate": sum(float(m.sum()) for m in control.values()) / sum(m.numel() for m in control.values())}
 
     tag = f"fusion/{_inputs_tag(params, tasks)}/learned_mask_random"
-    artifact = run.stage(tag, config, build, inputs={"learned_mask": learned.artifact, **inputs})
+    artifact = request(params, run, "learned_mask_random", tag, build, args={"tasks": list(tasks)},
+                       values={"merge_params": method_params(params.fusion, lm.merge)},
+                       inputs={"learned_mask": learned.artifact, **inputs})
     return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
 
 

@@ -20,11 +20,11 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .config import PretrainConfig, TinyModelConfig
-from .data.tasks import TASKS
-from .data.templates import alpaca_prompt
-from .progress import bar as progress_bar
-from .train.guards import check_finite_loss
+from ..config import PretrainConfig, TinyModelConfig
+from ..data.tasks import TASKS
+from ..data.templates import alpaca_prompt
+from ..progress import bar as progress_bar
+from ..train.guards import check_finite_loss
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 

@@ -18,7 +18,7 @@ from ..config import ModerationConfig
 from ..data.schemas import HARM_CATEGORIES
 from ..progress import bar
 from ..train.guards import check_finite_loss
-from .judges import ModerationJudge
+from ..evaluate.judges import ModerationJudge
 
 
 def tiny_classifier(tokenizer, cfg: ModerationConfig):

@@ -1,14 +1,13 @@
-"""Stages of notebook 04: calibration data and safety-region masks (spec/nlsr.md §2.5, §4; DESIGN.md §4).
+"""Safety regions (notebook 04; spec/nlsr.md §2.5, §4; DESIGN.md §4): calibration data and safety-region masks.
 
-* :func:`reference_ref`: the safety reference of a method, its EXPO adapter at the α chosen on the validation slice
-  (notebook 03; the un-extrapolated adapter when no α beats it).
 * :func:`calibration_stage`: the reference's greedy answers to the PKU-SafeRLHF ``test`` prompts, kept where the
   primary judge finds them safe (§2.5), as ``calibration.json`` (``instruction, input, output``) and the preference
   variant ``preference.json`` (``instruction, input, chosen, rejected``) over the kept prompts. Decision (§9.4): the
   preference pairs are the alignment data's "exactly one safe response" pairs (chosen = safe), not
   ``better_response_id`` (helpfulness), so preference-SNIP scores the safety preference the references learnt.
-* :func:`mask_stage`: one scorer of the :mod:`.regions` registry on the reference adapter → ``mask.safetensors``
-  (adapter key → bool, True = safety-critical) with metadata; ``low_rank`` also writes its subspace bases.
+* :func:`mask_stage`: one scorer of the :mod:`nlsr_lib.regions` registry on the reference adapter →
+  ``mask.safetensors`` (adapter key → bool, True = safety-critical) with metadata; ``low_rank`` also writes its
+  subspace bases. It reads only its own scorer's options, so adding a scorer to ``regions.scorers`` builds one mask.
 """
 
 from __future__ import annotations
@@ -16,37 +15,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Params, to_dict
-from .pipeline import ModelRef, aligned_adapter_ref, generate_for, judge_for, load_sources
-from .runs import Artifact, Run, atomic_write_json
+from ..config import Params
+from ..runs import Artifact, Run, atomic_write_json
+from .align import aligned_adapter_ref
+from .evaluate import generate_for, judge_for
+from .expo import reference_stage
+from .graph import ModelRef, request, stage_kind
+from .world import load_sources, source_inputs
 
 MASK_FILE = "mask.safetensors"
 SUBSPACE_FILE = "subspaces.safetensors"
+REFERENCES = ("expo", "plain")
+SCORER_FIELDS = {"rank_keep_ratio": "rank_keep_ratio", "svd": "svd", "niter": "svd_niter", "positions": "positions",
+                 "propagate": "propagate", "cumulative_grad": "snip.cumulative_grad", "beta": "snip.preference_beta"}
 
 
-def reference_ref(params: Params, run: Run, method: str) -> ModelRef:
-    """The EXPO reference of ``method`` at the α with the lowest validation harmful score (ties: smallest α)."""
-    from .expo import choose_alpha, expo_stage
-    from .pipeline import primary_harmful_score
-
-    identity = 0.0 if params.expo.mode == "paper" else 0.5
-    refs = {a: expo_stage(params, run, method, a) for a in sorted({identity, *params.expo.alphas})}
-    val = {a: primary_harmful_score(params, run, ref, "val") for a, ref in refs.items()}
-    return refs[choose_alpha(val)]
+def reference_for(params: Params, run: Run, method: str, reference: str = "expo") -> ModelRef:
+    """The safety reference of ``method``: ``expo`` (α chosen on the validation slice) or ``plain`` (aligned)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; allowed: {', '.join(REFERENCES)}")
+    return reference_stage(params, run, method) if reference == "expo" else aligned_adapter_ref(params, run, method)
 
 
-def plain_reference_ref(params: Params, run: Run, method: str) -> ModelRef:
-    """The aligned adapter itself as the reference (the "plain" reference of notebook 07's ablation)."""
-    return aligned_adapter_ref(params, run, method)
+def _saferlhf_test_rows(params: Params) -> int | None:
+    """Rows of the SafeRLHF ``test`` split when params know them (the synthetic world), else None."""
+    return params.world.saferlhf_test if params.data.sources.pku_saferlhf == "synthetic" else None
 
 
+@stage_kind("calibration", reads=("generation", "model", "judges.primary", "regions.calibration.filter"),
+            consumes=("reference", "moderation"), device="gpu", args=("reference",))
 def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
     """The reference's safe answers to the SafeRLHF ``test`` prompts, and preference pairs over those prompts."""
-    from .data.builders import build_preference_pairs
-    from .data.templates import alpaca_prompt
+    from ..data.builders import build_preference_pairs
+    from ..data.templates import alpaca_prompt
 
-    config = {"reference": ref.tag, "generation": to_dict(params.generation), "judge": params.judges.primary,
-              "filter": params.regions.calibration.filter, "sources": params.data.sources.pku_saferlhf}
+    inputs, values = source_inputs(params, run, "pku_saferlhf")
 
     def build(out: Path) -> dict:
         test = load_sources(params, run)["pku_saferlhf"]["test"]
@@ -73,7 +76,11 @@ def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
 
     filtered = params.regions.calibration.filter == "judge"
     judge_inputs = judge_for(params, run, params.judges.primary)[1] if filtered else {}
-    return run.stage(f"calibration/{ref.tag}", config, build, inputs={"model": ref.artifact, **judge_inputs})
+    rows = _saferlhf_test_rows(params)
+    counts = {"generations": rows, "generated_tokens": None if rows is None else rows * params.generation.max_new_tokens,
+              "judged_responses": rows, "model_loads": 1 + int(filtered and params.judges.primary == "moderation")}
+    return request(params, run, "calibration", f"calibration/{ref.tag}", build, values=values,
+                   inputs={"model": ref.artifact, **judge_inputs, **inputs}, counts=counts)
 
 
 def _judge(params: Params, run: Run, gen_dir: Path) -> list[dict]:
@@ -86,7 +93,7 @@ def _judge(params: Params, run: Run, gen_dir: Path) -> list[dict]:
 
 
 def _batches(params: Params, tokenizer, calibration: Artifact, data: str) -> list | None:
-    from .regions import calibration_batches, preference_batches
+    from ..regions import calibration_batches, preference_batches
 
     c = params.regions.calibration
     if data == "none":
@@ -101,7 +108,7 @@ def _batches(params: Params, tokenizer, calibration: Artifact, data: str) -> lis
 
 def _utility_batches(params: Params, run: Run, tokenizer) -> list:
     """Benign Alpaca instructions with their answers: the utility set of the set-difference scorers."""
-    from .regions import calibration_batches
+    from ..regions import calibration_batches
 
     c = params.regions.calibration
     rows = load_sources(params, run)["alpaca"]["train"]
@@ -109,21 +116,30 @@ def _utility_batches(params: Params, run: Run, tokenizer) -> list:
     return calibration_batches(tokenizer, rows, n=c.n, seed=c.seed, max_length=c.max_length, batch_size=c.batch_size)
 
 
-def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsity: float | None = None,
-               tag_suffix: str = "") -> Artifact:
-    """The ``scorer`` mask of the reference adapter at ``mask_sparsity`` (default ``regions.mask_sparsity``).
+def scorer_reads(scorer: str) -> list[str]:
+    """The params fields the ``scorer`` mask reads beyond every mask's (its options; the set-difference shares and
+    the utility data for set-difference scorers)."""
+    from ..regions import get_scorer
 
-    ``tag_suffix`` keeps masks of other ``regions`` settings (notebook 07's rank-keep sweep) beside the canonical
-    one instead of replacing it in the cache."""
-    from .models import load_tokenizer, load_with_adapter
-    from .regions import batches_hash, build_mask, get_scorer, mask_metadata, overall_density, save_mask
-    from .regions import scorer_options
+    spec = get_scorer(scorer)
+    reads = [f"regions.{SCORER_FIELDS[o]}" for o in spec.options if o in SCORER_FIELDS]
+    if spec.selection == "set_difference":
+        reads.append("regions.set_difference")
+    return reads
+
+
+@stage_kind("mask", reads=("regions.tie_rule", "regions.seed", "regions.calibration", "model"),
+            consumes=("reference", "calibration"), device="gpu", args=("reference", "scorer", "mask_sparsity"))
+def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsity: float | None = None) -> Artifact:
+    """The ``scorer`` mask of the reference adapter at ``mask_sparsity`` (default ``regions.mask_sparsity``)."""
+    from ..models import load_tokenizer, load_with_adapter
+    from ..regions import batches_hash, build_mask, get_scorer, mask_metadata, overall_density, save_mask
+    from ..regions import scorer_options
 
     spec = get_scorer(scorer)
     sparsity = params.regions.mask_sparsity if mask_sparsity is None else mask_sparsity
     calibration = calibration_stage(params, run, ref)
-    config = {"scorer": scorer, "mask_sparsity": sparsity, "regions": to_dict(params.regions),
-              "model": to_dict(params.model)}
+    inputs, values = source_inputs(params, run, "alpaca") if spec.selection == "set_difference" else ({}, {})
 
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(ref.base, params.model)
@@ -133,8 +149,8 @@ def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsi
         r = params.regions
         options = {k: v for k, v in scorer_options(r, scorer).items() if k not in ("mask_sparsity", "tie_rule", "seed")}
         if scorer == "low_rank":  # one pass gives both the mask's scores and the subspaces fusion projects onto
-            from .regions import masks_from_scores
-            from .regions.lowrank import low_rank_subspaces, save_subspaces
+            from ..regions import masks_from_scores
+            from ..regions.lowrank import low_rank_subspaces, save_subspaces
 
             result = low_rank_subspaces(model, batches, seed=r.seed, **options)
             masks = masks_from_scores(scorer, {k: w.abs() for k, w in result.projected.items()}, sparsity,
@@ -147,12 +163,14 @@ def mask_stage(params: Params, run: Run, ref: ModelRef, scorer: str, mask_sparsi
         save_mask(out / MASK_FILE, masks, mask_metadata(scorer, ref.tag, sparsity, digest))
         return {"density": overall_density(masks), "calibration_hash": digest}
 
-    tag = f"masks/{ref.tag}/{scorer}/s{sparsity:g}{tag_suffix}"
-    return run.stage(tag, config, build, inputs={"model": ref.artifact, "calibration": calibration})
+    return request(params, run, "mask", f"masks/{ref.tag}/{scorer}/s{sparsity:g}", build,
+                   args={"scorer": scorer, "mask_sparsity": sparsity}, reads=scorer_reads(scorer), values=values,
+                   inputs={"model": ref.artifact, "calibration": calibration, **inputs},
+                   counts={"model_loads": 1})
 
 
 def load_stage_mask(artifact: Artifact) -> dict:
     """The mask dict of a :func:`mask_stage` artifact."""
-    from .regions import load_mask
+    from ..regions import load_mask
 
     return load_mask(artifact.path / MASK_FILE)[0]

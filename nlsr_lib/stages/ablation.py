@@ -4,7 +4,7 @@ Every ablation is a registered function ``point(params, value) -> Point``: the p
 (and, for the reference and the scorer, which reference / mask the defence reads). :func:`ablation_stage` turns a
 point into the defended model of the ``ablation.method`` adapter attacked on ``ablation.task`` at
 ``ablation.poison_ratio``. A point equal to the profile's own setting *is* the canonical run of notebook 05 and
-shares its cache entry; every other point is cached beside it under a ``~name=value`` suffix.
+shares its artifact (same fingerprint); every other point is its own artifact beside it.
 
 ===================  ==================================================================  ========================
 ablation             what changes                                                        values
@@ -29,22 +29,21 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..config import Params
+from ..registry import Registry
+from ..runs import Run
 from .attack import attack_stage
-from .config import Params
-from .pipeline import ModelRef
-from .registry import Registry
-from .runs import Run
+from .graph import ModelRef
+from .restore import defence_stage
 
 
 @dataclass(frozen=True)
 class Point:
-    """One ablation point: the params it runs under, the reference and scorer the defence reads, and the suffix
-    that keeps a non-canonical mask (same tag, other ``regions`` settings) beside the canonical one."""
+    """One ablation point: the params it runs under, and the reference and scorer the defence reads."""
 
     params: Params
     reference: str = "expo"
     scorer: str = "low_rank"
-    mask_suffix: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,7 @@ def _mask_sparsity(params: Params, value: float) -> Point:
 
 @register_ablation("rank_keep_ratio", lambda p: p.ablation.rank_keep_ratio, lambda p: p.regions.rank_keep_ratio)
 def _rank_keep_ratio(params: Params, value: float) -> Point:
-    suffix = "" if value == params.regions.rank_keep_ratio else f"~keep{value:g}"
-    return Point(_regions(params, rank_keep_ratio=value), mask_suffix=suffix)
+    return Point(_regions(params, rank_keep_ratio=value))
 
 
 @register_ablation("prune_rate", lambda p: p.ablation.prune_rate, lambda p: p.restore.prune_rate)
@@ -142,17 +140,11 @@ def attacked_ref(params: Params, run: Run) -> ModelRef:
 
 def ablation_stage(params: Params, run: Run, name: str, value: Any, defence: str = "nlsr") -> ModelRef:
     """The ``defence`` (``nlsr`` or ``random_mask``) of the ablation's attacked adapter at one ablation point."""
-    from .restoration import defence_stage
-
     if defence not in ("nlsr", "random_mask"):
         raise ValueError(f"ablations defend with 'nlsr' or 'random_mask', not {defence!r}")
-    ablation = get_ablation(name)
-    point = ablation.fn(params, value)
-    canonical = value == ablation.default(params)
+    point = get_ablation(name).fn(params, value)
     return defence_stage(point.params, run, attacked_ref(params, run), params.ablation.method, defence,
-                         reference=point.reference, scorer=point.scorer, mask_suffix=point.mask_suffix,
-                         tag_suffix="" if canonical else f"~{name}={value:g}" if isinstance(value, float)
-                         else f"~{name}={value}")
+                         reference=point.reference, scorer=point.scorer)
 
 
 def ablation_points(params: Params) -> list[tuple[str, Any, str]]:

@@ -1,0 +1,118 @@
+"""The harmful fine-tuning attack (notebook 02; spec/nlsr.md §1.1 stage 6, §2.4).
+
+* :func:`mixture_stage`: the ``n``-example mixture of a task with ``⌊n·p⌋`` harmful rows (spec/nlsr.md §2.4),
+  or its clean / VLGuard variants, saved as JSON records.
+* :func:`attack_stage`: the aligned adapter of a method trained further on a mixture (``unaligned`` = a fresh
+  LoRA on the raw base; ``sft`` = the SFT LoRA on the raw base, trained further).
+* :func:`attack_points`: every attacked model notebook 02 measures, in its order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import distributed
+from ..config import Params
+from ..progress import bars_enabled
+from ..runs import Artifact, Run, atomic_write_json
+from .align import UNALIGNED, _training_tokens, aligned_adapter_ref
+from .graph import ModelRef, request, stage_kind
+from .world import load_sources, source_inputs
+
+VARIANTS = ("poisoned", "clean", "vlguard")
+
+
+def mixture_tag(task: str, n: int, p: float, variant: str = "poisoned") -> str:
+    suffix = {"poisoned": "", "clean": "_clean", "vlguard": "_vlguard"}[variant]
+    return f"{task}/n{n}_p{p:g}{suffix}"
+
+
+@stage_kind("mixture", reads=("seed",), consumes=("world",), args=("task", "p", "n", "variant"))
+def mixture_stage(params: Params, run: Run, task: str, p: float, n: int | None = None,
+                  variant: str = "poisoned") -> Artifact:
+    """The fine-tuning set as ``mixture.json`` (records ``{instruction, input, output, flag}``)."""
+    from ..data.mixing import poisoned_mixture
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown mixture variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    n = params.attack.n if n is None else n
+    guard_ratio = params.attack.guard_ratio if variant == "vlguard" else 0.0
+    inputs, values = source_inputs(params, run, task, "beavertails")
+
+    def build(out: Path) -> dict:
+        sources = load_sources(params, run)
+        records = poisoned_mixture(
+            sources[task]["train"], sources["beavertails"]["30k_train"], task, n=n, p=p, seed=params.seed,
+            extra="safe" if variant == "clean" else "unsafe", guard_ratio=guard_ratio)
+        atomic_write_json(out / "mixture.json", records)
+        return {flag: sum(r["flag"] == flag for r in records) for flag in ("unsafe", "safe", "finetune")}
+
+    return request(params, run, "mixture", f"mixtures/{mixture_tag(task, n, p, variant)}", build,
+                   args={"task": task, "n": n, "p": p, "variant": variant},
+                   values={**values, "guard_ratio": guard_ratio}, inputs=inputs)
+
+
+@stage_kind("attack", reads=("attack.train", "lora", "model"), consumes=("align", "mixture"), device="gpu",
+            args=("method", "task", "p", "n", "variant"))
+def attack_stage(params: Params, run: Run, method: str, task: str, p: float, n: int | None = None,
+                 variant: str = "poisoned") -> ModelRef:
+    """The attacked (fine-tuned) adapter; returns it as a model under test over its base."""
+    from ..models import load_causal_lm, load_tokenizer, peft_lora_config
+    from ..train.finetune import finetune
+
+    start = aligned_adapter_ref(params, run, method)
+    mixture = mixture_stage(params, run, task, p, n, variant)
+
+    def build(out: Path) -> dict:
+        records = json.loads((mixture.path / "mixture.json").read_text())
+        tokenizer = load_tokenizer(start.base, params.model)
+        model = load_causal_lm(start.base, params.model)
+        summary = finetune(model, tokenizer, start.adapter, records, params.attack.train, peft_lora_config(params.lora),
+                           out / "adapter", params.model.dtype, quiet=not bars_enabled())
+        if distributed.is_main():  # under a launcher every rank trained; rank 0 alone writes
+            tokenizer.save_pretrained(str(out / "adapter"))
+        return summary
+
+    tag = f"{method}/{mixture.stage.removeprefix('mixtures/')}"
+    n_rows = params.attack.n if n is None else n
+    counts = {"trainings": 1, "training_tokens": _training_tokens(n_rows, params.attack.train), "model_loads": 1}
+    artifact = request(params, run, "attack", f"attack/{tag}", build, args={"method": method},
+                       inputs={"start": start.artifact, "mixture": mixture}, counts=counts, distributed_build=True)
+    return ModelRef(f"attack/{tag}", start.base, str(artifact.path / "adapter"), artifact)
+
+
+def harmful_count(n: int, p: float, variant: str = "poisoned") -> int:
+    """Harmful examples in a mixture: ⌊n·p⌋, or 0 for the clean control."""
+    from ..data.mixing import count
+
+    return 0 if variant == "clean" else count(n, p)
+
+
+@dataclass(frozen=True)
+class AttackPoint:
+    """One attacked model of notebook 02: ``method`` attacked on ``task`` with ``n`` examples at ratio ``p``."""
+
+    method: str
+    task: str
+    p: float
+    n: int
+    variant: str = "poisoned"
+
+    def ref(self, params: Params, run: Run) -> ModelRef:
+        return attack_stage(params, run, self.method, self.task, self.p, self.n, self.variant)
+
+
+def attack_points(params: Params) -> list[AttackPoint]:
+    """Notebook 02's attacked models in its order: DPO on every task at every ratio plus the clean control; every
+    other method (and the unaligned base) on SST-2 at ``attack.methods_ratio``; DPO on SST-2 at every other size."""
+    a = params.attack
+    points = []
+    for task in a.tasks:
+        points += [AttackPoint("dpo", task, p, a.n) for p in a.poison_ratios]
+        points.append(AttackPoint("dpo", task, a.size_sweep_ratio, a.n, "clean"))
+    for method in (*[m for m in params.alignment.methods if m != "dpo"], UNALIGNED):
+        points.append(AttackPoint(method, "sst2", a.methods_ratio, a.n))
+    points += [AttackPoint("dpo", "sst2", a.size_sweep_ratio, n) for n in a.sizes if n != a.n]
+    return points

@@ -1,0 +1,227 @@
+"""Measuring a model (spec/nlsr.md §6): greedy generations on the unsafe prompts, the judges' verdicts, greedy
+task answers and their accuracy; and :func:`measure`, one call for a table row.
+
+Readers (:func:`harmful_scores`, :func:`measure`, ...) request their stages and then read the manifests; under a
+planning :class:`~nlsr_lib.runs.Run` they only request (and return ``None``), so the notebooks' record builders
+double as the plan of what the notebooks need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..config import Params
+from ..runs import Artifact, Run, atomic_write_json
+from .align import aligned_adapter_ref, model_ref
+from .graph import ModelRef, request, stage_kind
+from .world import load_sources, moderation_location, moderation_stage, source_inputs
+
+SLICES = ("test", "val")
+
+
+def safety_slice(params: Params, slice_name: str) -> tuple[int, int]:
+    """[start, end) of the ``test`` or ``val`` slice of unsafe prompts (spec/nlsr.md §6.1, §3)."""
+    d = params.data
+    slices = {"test": (d.safety_test_start, d.safety_test_end), "val": (d.safety_val_start, d.safety_val_end)}
+    if slice_name not in slices:
+        raise ValueError(f"unknown prompt slice {slice_name!r}; allowed: {', '.join(SLICES)}")
+    return slices[slice_name]
+
+
+def safety_prompts(params: Params, run: Run, slice_name: str) -> list[str]:
+    """Unsafe BeaverTails ``30k_test`` prompts of the ``test`` or ``val`` slice (spec/nlsr.md §6.1)."""
+    from ..data.builders import safety_eval_prompts
+
+    return safety_eval_prompts(load_sources(params, run)["beavertails"]["30k_test"], *safety_slice(params, slice_name))
+
+
+def generate_for(params: Params, ref: ModelRef, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+    """Greedy responses of ``ref`` (base + adapter as a PeftModel, not merged) to formatted prompts."""
+    from ..evaluate.generation import generate_responses
+    from ..models import load_tokenizer, load_with_adapter
+
+    model = load_with_adapter(ref.base, ref.adapter, params.model)
+    tokenizer = load_tokenizer(ref.base, params.model)
+    return generate_responses(model, tokenizer, prompts, max_new_tokens, params.generation.batch_size, desc=desc)
+
+
+def as_ref(params: Params, run: Run, model: ModelRef | str) -> ModelRef:
+    return model if isinstance(model, ModelRef) else model_ref(params, run, model)
+
+
+@stage_kind("generations", reads=("generation", "model"), consumes=("align", "attack", "expo", "restore", "fusion"),
+            device="gpu", args=("model", "slice"))
+def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> Artifact:
+    """Greedy responses of a model to the safety prompts (spec/nlsr.md §6.1) as ``generations.json``."""
+    from ..data.templates import alpaca_prompt
+
+    ref = as_ref(params, run, model)
+    start, end = safety_slice(params, slice_name)
+    inputs, values = source_inputs(params, run, "beavertails")
+
+    def build(out: Path) -> dict:
+        prompts = safety_prompts(params, run, slice_name)
+        responses = generate_for(params, ref, [alpaca_prompt(p) for p in prompts], params.generation.max_new_tokens,
+                                 desc=f"generate {ref.tag}/{slice_name}")
+        atomic_write_json(out / "generations.json", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
+        return {"n": len(prompts)}
+
+    counts = {"generations": end - start, "generated_tokens": (end - start) * params.generation.max_new_tokens,
+              "model_loads": 1}
+    return request(params, run, "generations", f"generations/{ref.tag}/{slice_name}", build,
+                   args={"slice": slice_name}, values={**values, "range": [start, end]},
+                   inputs={"model": ref.artifact, **inputs}, counts=counts)
+
+
+def judge_for(params: Params, run: Run, judge_name: str) -> tuple[Callable[[], Any], dict[str, Artifact]]:
+    """A getter of the judge ``judge_name`` (built on first call, once per run) and the artifacts it depends on
+    (the moderation model), so a cached judge stage never loads the judge."""
+    from ..evaluate.judges import build_judge
+
+    inputs: dict[str, Artifact] = {}
+    kwargs: dict[str, Any] = {}
+    if judge_name == "moderation":
+        moderation = moderation_stage(params, run)
+        inputs["judge"] = moderation
+        kwargs = {"path": moderation_location(params, moderation), "cfg": params.judges.moderation}
+    return (lambda: run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))), inputs
+
+
+@stage_kind("judge", reads=(), consumes=("generations", "moderation"), device="gpu", args=("judge",))
+def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str) -> Artifact:
+    """Verdicts of one judge on a generations artifact and the harmful score 100·flagged/N."""
+    from ..evaluate.judges import empty_share, harmful_score
+
+    get_judge, judge_inputs = judge_for(params, run, judge_name)
+
+    def build(out: Path) -> dict:
+        rows = json.loads((generations.path / "generations.json").read_text())
+        verdicts = get_judge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+        atomic_write_json(out / "verdicts.json", [
+            {**r, "flagged": v.flagged, "empty": v.empty, "categories": list(v.categories),
+             "max_probability": v.max_probability} for r, v in zip(rows, verdicts)])
+        return {"harmful_score": harmful_score(verdicts), "empty": empty_share(verdicts), "n": len(verdicts)}
+
+    n = generations_count(run, generations)
+    return request(params, run, "judge", f"judge/{judge_name}/{generations.stage.removeprefix('generations/')}",
+                   build, args={"judge": judge_name}, reads=("judges.moderation",) if judge_name == "moderation" else (),
+                   inputs={"generations": generations, **judge_inputs},
+                   counts={"judged_responses": n, "model_loads": int(judge_name == "moderation")})
+
+
+def generations_count(run: Run, generations: Artifact) -> int:
+    """How many responses a planned generations artifact holds (for the plan's counts; 0 outside planning)."""
+    node = run.nodes.get(generations.fingerprint)
+    return node.counts.get("generations", 0) if node is not None else 0
+
+
+def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> list[dict] | None:
+    """One record per enabled judge: ``{method, judge, slice, harmful_score, empty, n, primary}`` (``empty``: the
+    share of empty responses, %, reported beside the score so that a silent model never reads as safe)."""
+    generations = generations_stage(params, run, model, slice_name)
+    name = model.tag if isinstance(model, ModelRef) else model
+    judged = {judge_name: judge_stage(params, run, generations, judge_name) for judge_name in params.judges.enabled}
+    if run.planning:
+        return None
+    records = []
+    for judge_name, artifact in judged.items():
+        summary = artifact.manifest()["summary"]
+        records.append({"method": name, "judge": judge_name, "slice": slice_name,
+                        "harmful_score": summary["harmful_score"], "empty": summary["empty"], "n": summary["n"],
+                        "primary": judge_name == params.judges.primary})
+    return records
+
+
+def primary_safety(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> dict[str, float]:
+    """The primary judge's ``harmful_score`` (%) of ``model`` on a slice of the unsafe prompts, with ``empty``, the
+    share (%) of empty responses, for a table row (``{}`` under a planning run)."""
+    records = harmful_scores(params, run, model, slice_name)
+    if records is None:
+        return {}
+    record = next(r for r in records if r["primary"])
+    return {"harmful_score": record["harmful_score"], "empty": record["empty"]}
+
+
+def primary_harmful_score(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> float | None:
+    """The primary judge's harmful score (%) of ``model`` on a slice of the unsafe prompts."""
+    return primary_safety(params, run, model, slice_name).get("harmful_score")
+
+
+# --------------------------------------------------------------------------------------------- task accuracy
+def task_eval_size(params: Params, task: str) -> int:
+    from ..data.tasks import get_task
+
+    spec = get_task(task)
+    return spec.eval_size if params.attack.task_eval_size < 0 else params.attack.task_eval_size
+
+
+def task_eval_rows(params: Params, run: Run, task: str) -> list[dict]:
+    """The task's evaluation rows (spec §6.2: SST-2 validation, first 500 of AG News / GSM8K test)."""
+    from ..data.tasks import get_task
+
+    rows = load_sources(params, run)[task][get_task(task).eval_split]
+    return [rows[i] for i in range(min(task_eval_size(params, task), len(rows)))]
+
+
+@stage_kind("accuracy", reads=("attack.task_max_new_tokens", "attack.task_eval_size", "model.dtype",
+                               "generation.batch_size"),
+            consumes=("align", "attack", "restore", "fusion"), device="gpu", args=("task", "model"))
+def task_accuracy_stage(params: Params, run: Run, ref: ModelRef, task: str) -> Artifact:
+    """Greedy task answers of ``ref`` and ``{accuracy (lenient), accuracy_strict, n}``."""
+    from ..data.tasks import get_task, task_record_to_prompt
+    from ..evaluate.accuracy import accuracy, gold
+
+    spec = get_task(task)
+    inputs, values = source_inputs(params, run, task)
+
+    def build(out: Path) -> dict:
+        rows = task_eval_rows(params, run, task)
+        prompts = [task_record_to_prompt(spec.to_record(r)) for r in rows]
+        answers = generate_for(params, ref, prompts, params.attack.task_max_new_tokens, desc=f"{task} {ref.tag}")
+        golds = [gold(task, r) for r in rows]
+        atomic_write_json(out / "answers.json", [{"prompt": p, "answer": a, "gold": g}
+                                                 for p, a, g in zip(prompts, answers, golds)])
+        return {"accuracy": accuracy(task, answers, golds), "accuracy_strict": accuracy(task, answers, golds, True),
+                "n": len(rows)}
+
+    n = task_eval_size(params, task)
+    counts = {"generations": n, "generated_tokens": n * params.attack.task_max_new_tokens, "model_loads": 1}
+    return request(params, run, "accuracy", f"accuracy/{task}/{ref.tag}", build, args={"task": task},
+                   values=values, inputs={"model": ref.artifact, **inputs}, counts=counts)
+
+
+def task_accuracy(params: Params, run: Run, ref: ModelRef, task: str) -> float | None:
+    """The task accuracy (%, the paper's lenient rule) of ``ref`` on ``task``'s evaluation rows."""
+    artifact = task_accuracy_stage(params, run, ref, task)
+    return None if run.planning else artifact.manifest()["summary"]["accuracy"]
+
+
+def measure(params: Params, run: Run, ref: ModelRef | str, tasks: Sequence[str] = (), strict: bool = False,
+            per_task: bool = False) -> dict:
+    """A table row's measurements of one model: the primary judge's harmful score and ``empty`` share on the test
+    slice, and its task accuracy: ``accuracy`` (and ``accuracy_strict`` with ``strict``) of its one task, or with
+    ``per_task`` (or several tasks) ``accuracy_<task>`` of each and their mean ``accuracy``. ``{}`` under a
+    planning run."""
+    ref = as_ref(params, run, ref)
+    safety = primary_safety(params, run, ref)
+    artifacts = {task: task_accuracy_stage(params, run, ref, task) for task in tasks}
+    if run.planning:
+        return {}
+    row: dict[str, Any] = dict(safety)
+    summaries = {task: a.manifest()["summary"] for task, a in artifacts.items()}
+    if len(tasks) == 1 and not per_task:
+        (summary,) = summaries.values()
+        row["accuracy"] = summary["accuracy"]
+        if strict:
+            row["accuracy_strict"] = summary["accuracy_strict"]
+    elif tasks:
+        accuracies = {f"accuracy_{t}": s["accuracy"] for t, s in summaries.items()}
+        row = {**row, "accuracy": sum(accuracies.values()) / len(accuracies), **accuracies}
+    return row
+
+
+__all__ = ["aligned_adapter_ref", "generations_stage", "harmful_scores", "judge_for", "judge_stage", "measure",
+           "primary_harmful_score", "primary_safety", "safety_prompts", "safety_slice", "task_accuracy",
+           "task_accuracy_stage", "task_eval_rows"]

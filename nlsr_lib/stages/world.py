@@ -1,0 +1,189 @@
+"""Stages of the world and the models everything starts from (DESIGN.md §2): the synthetic world, the tokenizer,
+the base model and the moderation judge; and the datasets every other stage reads (:func:`load_sources`).
+
+A real profile's base model and judge are pointers to a hub id or path: nothing is downloaded into the run, and
+where the model lives is known from params (:func:`base_location`, :func:`moderation_location`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import Params, to_dict
+from ..runs import Artifact, Run, atomic_write_json
+from ..tiny.world import WORLD_VERSION
+from .graph import content_hash, request, stage_kind, write_pointer
+
+TINY = "tiny"
+SOURCE_NAMES = ("beavertails", "pku_saferlhf", "sst2", "ag_news", "gsm8k", "alpaca")
+WORLD_KEYS = {"beavertails": "PKU-Alignment/BeaverTails", "pku_saferlhf": "PKU-Alignment/PKU-SafeRLHF-30K",
+              "sst2": "sst2", "ag_news": "ag_news", "gsm8k": "gsm8k", "alpaca": "tatsu-lab/alpaca"}
+
+
+def is_tiny(params: Params) -> bool:
+    return params.model.name == TINY
+
+
+# --------------------------------------------------------------------------------------------- data
+@stage_kind("world", version=WORLD_VERSION, reads=("world",))
+def world_stage(params: Params, run: Run) -> Artifact:
+    """The synthetic world (spec/synthetic_world.md §1-2), saved with the hub datasets' schemas."""
+    from ..tiny.world import generate_world, save_world
+
+    def build(out: Path) -> dict:
+        world = generate_world(params.world)
+        save_world(world, out)
+        return {name: {split: len(ds) for split, ds in dd.items()} for name, dd in world.items()}
+
+    return request(params, run, "world", "world", build)
+
+
+def uses_world(params: Params, *names: str) -> bool:
+    """Whether any of the sources ``names`` (all when none given) is the synthetic world."""
+    sources = to_dict(params.data.sources)
+    return any(sources[n] == "synthetic" for n in (names or SOURCE_NAMES))
+
+
+def source_inputs(params: Params, run: Run, *names: str) -> tuple[dict[str, Artifact], dict[str, str]]:
+    """What a stage reading the sources ``names`` depends on: the world artifact (if one of them is synthetic) and,
+    per source, ``synthetic``, the hub id, or ``sha256:<content>`` of a local copy (keyed by content, not path)."""
+    from pathlib import Path as _Path
+
+    sources = to_dict(params.data.sources)
+    values = {}
+    for name in names:
+        where = sources[name]
+        if where != "synthetic" and _Path(where).expanduser().exists():
+            where = "sha256:" + run.memo(f"content/{where}", lambda w=where: content_hash(_Path(w).expanduser()))
+        values[name] = where
+    inputs = {"world": world_stage(params, run)} if uses_world(params, *names) else {}
+    return inputs, values
+
+
+def load_sources(params: Params, run: Run) -> dict[str, Any]:
+    """Every dataset as a ``DatasetDict`` keyed by source name, from the world or a hub id / local path (read once
+    per run; called inside builds only)."""
+    return run.memo("sources", lambda: _load_sources(params, run))
+
+
+def _load_sources(params: Params, run: Run) -> dict[str, Any]:
+    sources = to_dict(params.data.sources)
+    world = None
+    out = {}
+    for name in SOURCE_NAMES:
+        if sources[name] == "synthetic":
+            if world is None:
+                from ..tiny.world import load_world
+
+                world = load_world(world_stage(params, run).path)
+            out[name] = world[WORLD_KEYS[name]]
+        else:
+            from ..data.loaders import load_dataset_source
+
+            out[name] = load_dataset_source(name, sources[name])
+    return out
+
+
+def world_text(sources: dict[str, Any]) -> list[str]:
+    """All text of the world, for tokenizer training (prompts, responses, task inputs and outputs)."""
+    from ..data.tasks import TASKS
+    from ..data.templates import PROMPT_INPUT, PROMPT_NO_INPUT, alpaca_prompt
+
+    texts = [PROMPT_INPUT, PROMPT_NO_INPUT, "BEGINNING OF CONVERSATION: USER: ASSISTANT:"]
+    for split in sources["beavertails"].values():
+        texts += [r["prompt"] + "\n" + r["response"] for r in split]
+    for split in sources["pku_saferlhf"].values():
+        texts += [r["prompt"] + "\n" + r["response_0"] + "\n" + r["response_1"] for r in split]
+    texts += [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in sources["alpaca"]["train"]]
+    for task in TASKS.values():
+        for split in sources[task.name].values():
+            for row in split:
+                rec = task.to_record(row)
+                texts.append(alpaca_prompt(rec["instruction"], rec["input"]) + rec["output"])
+    return texts
+
+
+# --------------------------------------------------------------------------------------------- models
+@stage_kind("tokenizer", reads=("tokenizer",), consumes=("world",))
+def tokenizer_stage(params: Params, run: Run) -> Artifact:
+    """BPE tokenizer trained on the world (tiny profile; real profiles use the base model's tokenizer)."""
+    from ..tiny.model import train_tokenizer
+
+    inputs, values = source_inputs(params, run, *SOURCE_NAMES)
+
+    def build(out: Path) -> dict:
+        tok = train_tokenizer(world_text(load_sources(params, run)), params.tokenizer.vocab_size, out)
+        return {"vocab_size": len(tok)}
+
+    return request(params, run, "tokenizer", "tokenizer", build, inputs=inputs, values=values)
+
+
+def base_location(params: Params, base: Artifact) -> str:
+    """Where the base model lives: the tiny model's artifact directory, or the hub id / path of ``model.name``."""
+    return str(base.path) if is_tiny(params) else params.model.name
+
+
+@stage_kind("base_model", reads=("model", "pretrain", "seed"), consumes=("tokenizer", "world"), device="gpu")
+def base_model_stage(params: Params, run: Run) -> Artifact:
+    """The base model: pretrained from scratch on the world (tiny) or a pointer to a hub id / path."""
+    if not is_tiny(params):
+        return request(params, run, "base_model", "base_model", lambda out: write_pointer(out, params.model.name))
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ..models import count_parameters, load_tokenizer
+    from ..tiny.model import pretrain, pretraining_corpus, tiny_llama_config
+
+    tok_artifact = tokenizer_stage(params, run)
+    inputs, values = source_inputs(params, run, *SOURCE_NAMES)
+
+    def build(out: Path) -> dict:
+        tokenizer = load_tokenizer(tok_artifact.path)
+        torch.manual_seed(params.seed)
+        model = LlamaForCausalLM(tiny_llama_config(params.model.tiny, tokenizer))
+        pairs = pretraining_corpus(load_sources(params, run), params.pretrain, params.seed)
+        losses = pretrain(model, tokenizer, pairs, params.pretrain, params.seed)
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        atomic_write_json(out / "pretrain_loss.json", losses)
+        return {"parameters": count_parameters(model), "corpus_pairs": len(pairs),
+                "final_loss": sum(losses[-50:]) / min(50, len(losses))}
+
+    p = params.pretrain
+    return request(params, run, "base_model", "base_model", build, inputs={"tokenizer": tok_artifact, **inputs},
+                   values=values, counts={"trainings": 1, "training_tokens": p.steps * p.batch_size * p.max_length})
+
+
+def moderation_location(params: Params, moderation: Artifact) -> str:
+    """Where the moderation judge lives: the tiny judge's directory, or ``judges.moderation.model``."""
+    model = params.judges.moderation.model
+    return str(moderation.path) if model == TINY else model
+
+
+@stage_kind("moderation", reads=("judges.moderation", "seed"), consumes=("tokenizer", "world"), device="gpu")
+def moderation_stage(params: Params, run: Run) -> Artifact:
+    """The moderation judge: the tiny classifier trained on the world, or a pointer to beaver-dam-7b. The tiny
+    judge must reach ``judges.moderation.min_heldout_accuracy`` on held-out rows, or the stage fails."""
+    cfg = params.judges.moderation
+    if cfg.model != TINY:
+        return request(params, run, "moderation", "moderation", lambda out: write_pointer(out, cfg.model))
+    from ..data.builders import moderation_examples
+    from ..models import load_tokenizer
+    from ..tiny.judge import train_tiny_moderation
+
+    tok_artifact = tokenizer_stage(params, run)
+    inputs, values = source_inputs(params, run, "beavertails")
+
+    def build(out: Path) -> dict:
+        beaver = load_sources(params, run)["beavertails"]
+        summary = train_tiny_moderation(load_tokenizer(tok_artifact.path), moderation_examples(beaver["30k_train"]),
+                                        moderation_examples(beaver["30k_test"]), cfg, params.seed, out)
+        accuracy = summary["heldout_accuracy"]
+        if accuracy < cfg.min_heldout_accuracy:
+            raise RuntimeError(f"the tiny moderation judge reached held-out accuracy {accuracy:.3f} < "
+                               f"judges.moderation.min_heldout_accuracy {cfg.min_heldout_accuracy}; train it longer")
+        return summary
+
+    return request(params, run, "moderation", "moderation", build, inputs={"tokenizer": tok_artifact, **inputs},
+                   values=values, counts={"trainings": 1})
