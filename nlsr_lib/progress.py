@@ -71,6 +71,7 @@ def quiet_libraries() -> None:
     _CONFIGURED = True
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO / KTO / SimPO live in trl.experimental (trl 1.16)
     if mode() != "bars":  # the hub's bars too (transformers' "Loading weights" for every model load)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for category, message in NOISE:

@@ -37,7 +37,7 @@ def test_mixture_stage_counts(smoke):
 def test_attack_trains_the_aligned_adapter_further(smoke):
     params, run = smoke
     ref = attack.attack_stage(params, run, "dpo", "sst2", 0.1)
-    aligned, _ = read_adapter(run.root / "align" / "dpo" / "adapter")
+    aligned, _ = read_adapter(align.align_stage(params, run, "dpo").path / "adapter")
     attacked, _ = read_adapter(ref.adapter)
     assert sorted(aligned) == sorted(attacked)  # one LoRA parameter space (spec §1.1)
     assert any(not torch.equal(aligned[k], attacked[k]) for k in aligned)
@@ -57,8 +57,7 @@ def test_unaligned_baseline_is_a_fresh_lora_on_the_base(smoke):
 
 def test_expo_stage_scales_the_aligned_adapter(smoke):
     params, run = smoke
-    aligned, _ = read_adapter(run.root / "align" / "kto" / "adapter") if (run.root / "align" / "kto").exists() \
-        else read_adapter(evaluate.aligned_adapter_ref(params, run, "kto").adapter)
+    aligned, _ = read_adapter(evaluate.aligned_adapter_ref(params, run, "kto").adapter)
     extrapolated, _ = read_adapter(expo.expo_stage(params, run, "kto", 0.5).adapter)
     for key, tensor in aligned.items():
         torch.testing.assert_close(extrapolated[key], tensor * (1.5 if ".lora_B." in key else 1.0))

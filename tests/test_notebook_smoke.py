@@ -58,14 +58,24 @@ def test_failing_notebook_reports_cell_error_and_path(nlsr_home, tmp_path):
         reproduce(bad, only="01", log=lambda *_: None)
     # the judge is first loaded to score the models; the index is the source notebook's (papermill's cells skipped)
     source = json.loads((NOTEBOOKS_DIR / "01_alignment.ipynb").read_text())["cells"]
-    expected = next(i for i, c in enumerate(source) if "pipeline.harmful_scores(" in "".join(c["source"]))
-    assert info.value.cell_index == expected and "pipeline.harmful_scores(" in info.value.cell_source
+    expected = next(i for i, c in enumerate(source) if "notebooks.alignment(" in "".join(c["source"]))
+    assert info.value.cell_index == expected and "notebooks.alignment(" in info.value.cell_source
     assert info.value.error.startswith("OSError: ") and "/nonexistent/judge" in info.value.error, info.value.error
     assert info.value.executed_path.is_file()
 
 
-def test_notebooks_02_onward_smoke(nlsr_home):
-    reproduce("params/smoke.yaml", start="02", log=lambda *_: None)
+@pytest.fixture(scope="module")
+def sequential_home(tmp_path_factory):
+    """Notebooks 02-07 on the smoke profile from an empty cache, run in order by papermill (the reference run)."""
+    home = tmp_path_factory.mktemp("sequential")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NLSR_HOME", str(home))
+        reproduce("params/smoke.yaml", start="02", log=lambda *_: None)
+    return home
+
+
+def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
+    monkeypatch.setenv("NLSR_HOME", str(sequential_home))
     attack = json.loads((results_dir("smoke") / "02_harmful_finetuning.json").read_text())
     required = {"task", "method", "poison_ratio", "harmful_size", "harmful_score", "accuracy", "accuracy_strict"}
     assert all(required <= set(r) for r in attack)
@@ -111,3 +121,21 @@ def test_notebooks_02_onward_smoke(nlsr_home):
     for name in ("02_harmful_finetuning", "03_safety_reference", "05_restoration", "06_model_fusion",
                  "07_restoration_ablation"):  # every table reports the share of empty answers beside the score
         assert all(0 <= r["empty"] <= 100 for r in json.loads((results_dir("smoke") / f"{name}.json").read_text()))
+
+
+def test_ray_run_equals_the_sequential_run_and_reproduce_then_builds_nothing(sequential_home, tmp_path, monkeypatch):
+    """``nlsr run --executor ray --workers 2`` builds the plan as Ray tasks; the notebooks run afterwards find every
+    stage cached (no artifact is added or rebuilt) and write the same results as the sequential run."""
+    from nlsr_lib.cli import main
+    from nlsr_lib.runs import cached_artifacts
+
+    monkeypatch.setenv("NLSR_HOME", str(tmp_path))
+    assert main(["run", "--params", "params/smoke.yaml", "--executor", "ray", "--workers", "2"]) == 0
+    built = {r["fingerprint"]: r["created"] for r in cached_artifacts(runs_dir("smoke"))}
+    reproduce("params/smoke.yaml", start="02", log=lambda *_: None)
+    assert {r["fingerprint"]: r["created"] for r in cached_artifacts(runs_dir("smoke"))} == built
+    for name in ("02_harmful_finetuning", "03_safety_reference", "04_safety_regions", "04_overlap", "05_restoration",
+                 "06_model_fusion", "07_restoration_ablation"):
+        ray_result = json.loads((results_dir("smoke") / f"{name}.json").read_text())
+        sequential = json.loads((sequential_home / "results" / "smoke" / f"{name}.json").read_text())
+        assert ray_result == sequential, name

@@ -101,7 +101,7 @@ def test_ctrl_c_during_a_notebook_names_it(tmp_path, monkeypatch):
 def test_a_safetensors_failure_in_a_kernel_names_the_broken_file(nlsr_home, monkeypatch):
     from nlsr_lib.paths import runs_dir
 
-    broken = runs_dir("smoke") / "align" / "dpo" / "adapter" / "adapter_model.safetensors"
+    broken = runs_dir("smoke") / "align" / "dpo" / "0123456789abcdef" / "adapter" / "adapter_model.safetensors"
     broken.parent.mkdir(parents=True)
     broken.write_bytes((1000).to_bytes(8, "little") + b"{")
 

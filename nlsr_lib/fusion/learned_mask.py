@@ -236,7 +236,8 @@ def train_mask(model, fusion: Fusion, batches: Sequence[Mapping[str, torch.Tenso
             loss.backward()
             optimizer.step()
             schedule.step()
-            history.append({"step": step, "loss": float(loss), "reward_margin": float(beta * margin.mean()),
+            margin = margin.detach()
+            history.append({"step": step, "loss": float(loss.detach()), "reward_margin": float(beta * margin.mean()),
                             "accuracy": float((margin > 0).float().mean()), **mask.statistics()})
     finally:
         for n_, p in model.named_parameters():

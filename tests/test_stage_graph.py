@@ -1,0 +1,126 @@
+"""The stage graph (issue 14): declared reads decide what rebuilds, a version bump rebuilds a stage and its
+dependents only, adding a scorer adds one mask, local data is keyed by content, and the plans of the profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from nlsr_lib.cli import main
+from nlsr_lib.config import load_params
+from nlsr_lib.stages import STAGES
+from nlsr_lib.stages.plan import COUNTS, collect
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "params" / "smoke.yaml"
+
+
+def plan_of(tmp_path, overrides=None, numbers=None, params_file=SMOKE):
+    return collect(load_params(params_file, overrides), numbers, root=tmp_path / "runs")
+
+
+def new_nodes(before, after) -> list:
+    """Nodes of ``after`` whose fingerprint ``before`` does not have (what a run of ``after`` would build)."""
+    return [n for fp, n in after.run.nodes.items() if fp not in before.run.nodes]
+
+
+def roots(nodes) -> list:
+    """The new nodes none of whose inputs is new: where a change enters the graph."""
+    fps = {n.fingerprint for n in nodes}
+    return [n for n in nodes if not fps & set(n.upstream)]
+
+
+def descendants(plan, kinds) -> set[str]:
+    """Fingerprints of the nodes of ``kinds`` and of everything downstream of them."""
+    marked = set()
+    for node in plan.nodes:  # dependency order: inputs come first
+        if node.kind in kinds or marked & set(node.upstream):
+            marked.add(node.fingerprint)
+    return marked
+
+
+def test_every_node_comes_after_its_inputs_and_has_registered_counts(tmp_path):
+    plan = plan_of(tmp_path)
+    seen = set()
+    for node in plan.nodes:
+        assert set(node.upstream) <= seen, node.stage
+        assert node.kind in STAGES and set(node.counts) <= set(COUNTS)
+        seen.add(node.fingerprint)
+    assert not (tmp_path / "runs").exists()  # planning creates nothing
+
+
+def test_a_field_no_stage_reads_rebuilds_nothing(tmp_path):
+    before = plan_of(tmp_path)
+    after = plan_of(tmp_path, {"fusion.max_shard_size": 123})  # streamed merges only; no notebook stage reads it
+    assert set(after.run.nodes) == set(before.run.nodes)
+
+
+def test_a_field_one_stage_reads_rebuilds_that_stage_and_its_dependents_only(tmp_path):
+    before = plan_of(tmp_path)
+    after = plan_of(tmp_path, {"fusion.learned_mask.epochs": 2.0})
+    changed = new_nodes(before, after)
+    assert {n.kind for n in roots(changed)} == {"learned_mask"}
+    assert {n.fingerprint for n in changed} == descendants(after, {"learned_mask"})
+
+
+def test_adding_a_scorer_builds_one_mask(tmp_path):
+    before = plan_of(tmp_path, {"regions.scorers": ["low_rank", "random"]}, ["04"])
+    after = plan_of(tmp_path, {"regions.scorers": ["low_rank", "random", "wanda"]}, ["04"])
+    (added,) = new_nodes(before, after)
+    assert added.kind == "mask" and added.config["args"]["scorer"] == "wanda"
+    assert set(before.run.nodes) < set(after.run.nodes)
+
+
+def test_a_version_bump_rebuilds_exactly_that_stage_and_its_dependents(tmp_path, monkeypatch):
+    before = plan_of(tmp_path)
+    monkeypatch.setitem(STAGES._entries, "expo", dataclasses.replace(STAGES["expo"], version=STAGES["expo"].version + 1))
+    after = plan_of(tmp_path)
+    changed = {n.fingerprint for n in new_nodes(before, after)}
+    assert changed == descendants(after, {"expo"})
+    assert {after.run.nodes[fp].kind for fp in changed} >= {"expo", "reference", "calibration", "mask", "restore"}
+    untouched = [n for fp, n in after.run.nodes.items() if fp not in changed]
+    assert {n.kind for n in untouched} >= {"world", "align", "attack", "mixture"} and untouched
+
+
+def test_a_local_data_file_is_keyed_by_content_not_path(tmp_path):
+    rows = "sentence\tlabel\na fine film\t1\na dull film\t0\n"
+    (tmp_path / "a.tsv").write_text(rows)
+    (tmp_path / "b.tsv").write_text(rows)
+
+    def mixtures(path):
+        plan = plan_of(tmp_path, {"data.sources.sst2": str(path)}, ["02"])
+        return {n.fingerprint for n in plan.nodes if n.kind == "mixture" and n.config["args"]["task"] == "sst2"}
+
+    assert mixtures(tmp_path / "a.tsv") == mixtures(tmp_path / "b.tsv")
+    (tmp_path / "b.tsv").write_text(rows + "another film\t1\n")
+    assert mixtures(tmp_path / "a.tsv").isdisjoint(mixtures(tmp_path / "b.tsv"))
+
+
+def test_the_paper_plan_lists_every_stage_of_the_notebooks_with_counts(capsys):
+    assert main(["plan", "--params", str(REPO / "params" / "paper_llama3_8b.yaml"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["notebooks"] == ["01", "02", "03", "04", "05", "06", "07"]
+    kinds = set(plan["by_kind"])
+    assert kinds == set(STAGES) - {"world", "tokenizer"}  # a real profile reads hub data and models
+    params = load_params(REPO / "params" / "paper_llama3_8b.yaml")
+    assert plan["by_kind"]["align"]["trainings"] == len(params.alignment.methods)
+    assert plan["total"]["trainings"] == sum(r["trainings"] for r in plan["by_kind"].values()) > 5
+    assert plan["total"]["stages"] == len(plan["stages"]) and all(s["counts"] for s in plan["stages"])
+    generations = [s for s in plan["stages"] if s["kind"] == "generations"]
+    test_slice = params.data.safety_test_end - params.data.safety_test_start
+    assert {s["counts"]["generations"] for s in generations} <= {test_slice,
+                                                                  params.data.safety_val_end - params.data.safety_val_start}
+    assert plan["unknown_counts"] > 0  # calibration prompts of the hub SafeRLHF split: known only after loading
+
+
+def test_stage_run_builds_any_stage_from_the_command_line(nlsr_home, capsys):
+    assert main(["stage", "run", "judge", "model=base", "slice=val", "judge=keyword", "--params", str(SMOKE)]) == 0
+    out = capsys.readouterr().out
+    assert "judge/keyword/base/val: building" in out and "generations/base/val: building" in out
+    (verdicts,) = (nlsr_home / "runs" / "smoke" / "judge" / "keyword" / "base" / "val").glob("*/verdicts.json")
+    assert len(json.loads(verdicts.read_text())) == 16  # the smoke profile's validation slice
+    assert main(["stage", "run", "mixture", "task=sst2", "p=0.1", "attack.n=50", "--params", str(SMOKE)]) == 0
+    assert "mixtures/sst2/n50_p0.1:" in capsys.readouterr().out
