@@ -3,9 +3,9 @@
 Every stage writes one artifact directory ``runs/<profile>/<stage>/<fingerprint[:16]>/`` containing its files and
 a ``manifest.json`` with the stage's resolved config, the fingerprints of its inputs and its own fingerprint
 ``sha256(stage, config, inputs)``: artifacts are addressed by fingerprint, so two settings of one stage (an
-ablation point, another params file) live side by side and neither replaces the other. A stage is built in a temporary sibling directory and renamed into place
-only when complete, so a killed run never leaves a directory the cache would trust; the next call rebuilds
-it. A later call with the same config and inputs returns the cached artifact; ``force`` recomputes.
+ablation point, another params file) live side by side and neither replaces the other. A stage is built in a
+temporary sibling directory and renamed into place only when complete, so a killed run never leaves a directory
+the cache would trust; the next call rebuilds it. A later call with the same config and inputs returns the cached artifact; ``force`` recomputes.
 
 A :class:`Run` created with ``planning=True`` builds nothing: every ``stage`` call records a :class:`Node` (its
 fingerprint, upstream fingerprints, what it costs, and the build itself) and returns the artifact it *would* be, so

@@ -98,7 +98,8 @@ def test_stage_list_prints_each_stage_with_its_summary_and_reads(capsys):
     assert main(["stage", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines[::2]]
-    assert names == list(STAGES) and {"world", "align", "attack", "reference", "mask", "restore", "fusion"} <= set(names)
+    assert names == list(STAGES)
+    assert {"world", "align", "attack", "reference", "mask", "restore", "fusion"} <= set(names)
     assert lines[0].split(None, 3)[1:] == ["v2", "cpu", world_stage.__doc__.strip()]
     assert all(line.split()[0] == "reads:" for line in lines[1::2])  # every stage declares what it reads
 
@@ -146,7 +147,8 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
 
 
 def _stage_that(build_inner):
-    """A stand-in for the world stage's request function: stage `world` whose build runs stage `inner`, built by `build_inner`."""
+    """A stand-in for the world stage's request function: stage `world` whose build runs stage `inner`, built by
+    `build_inner`."""
     def world_stage(params, run):
         return run.stage("world", {}, lambda out: run.stage("inner", {}, build_inner) and {})
     return world_stage

@@ -76,7 +76,8 @@ def test_adding_a_scorer_builds_one_mask(tmp_path):
 
 def test_a_version_bump_rebuilds_exactly_that_stage_and_its_dependents(tmp_path, monkeypatch):
     before = plan_of(tmp_path)
-    monkeypatch.setitem(STAGES._entries, "expo", dataclasses.replace(STAGES["expo"], version=STAGES["expo"].version + 1))
+    bumped = dataclasses.replace(STAGES["expo"], version=STAGES["expo"].version + 1)
+    monkeypatch.setitem(STAGES._entries, "expo", bumped)
     after = plan_of(tmp_path)
     changed = {n.fingerprint for n in new_nodes(before, after)}
     assert changed == descendants(after, {"expo"})
@@ -110,9 +111,9 @@ def test_the_paper_plan_lists_every_stage_of_the_notebooks_with_counts(capsys):
     assert plan["total"]["trainings"] == sum(r["trainings"] for r in plan["by_kind"].values()) > 5
     assert plan["total"]["stages"] == len(plan["stages"]) and all(s["counts"] for s in plan["stages"])
     generations = [s for s in plan["stages"] if s["kind"] == "generations"]
-    test_slice = params.data.safety_test_end - params.data.safety_test_start
-    assert {s["counts"]["generations"] for s in generations} <= {test_slice,
-                                                                  params.data.safety_val_end - params.data.safety_val_start}
+    d = params.data
+    slices = {d.safety_test_end - d.safety_test_start, d.safety_val_end - d.safety_val_start}
+    assert {s["counts"]["generations"] for s in generations} <= slices
     assert plan["unknown_counts"] > 0  # calibration prompts of the hub SafeRLHF split: known only after loading
 
 

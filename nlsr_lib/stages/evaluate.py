@@ -106,7 +106,8 @@ def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str
 
     n = generations_count(run, generations)
     return request(params, run, "judge", f"judge/{judge_name}/{generations.stage.removeprefix('generations/')}",
-                   build, args={"judge": judge_name}, reads=("judges.moderation",) if judge_name == "moderation" else (),
+                   build, args={"judge": judge_name},
+                   reads=("judges.moderation",) if judge_name == "moderation" else (),
                    inputs={"generations": generations, **judge_inputs},
                    counts={"judged_responses": n, "model_loads": int(judge_name == "moderation")})
 

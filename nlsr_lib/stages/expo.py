@@ -44,7 +44,8 @@ def expo_stage(params: Params, run: Run, method: str, alpha: float) -> ModelRef:
 @stage_kind("reference", reads=("judges.primary",), consumes=("expo", "judge"), args=("method",))
 def reference_stage(params: Params, run: Run, method: str) -> ModelRef:
     """The safety reference of ``method``: its EXPO adapter at the α with the lowest validation harmful score of the
-    primary judge (ties: the smallest α), copied with ``reference.json`` (the chosen α and every candidate's score)."""
+    primary judge (ties: the smallest α), copied with ``reference.json`` (the chosen α and every candidate's
+    score)."""
     candidates = {alpha: expo_stage(params, run, method, alpha) for alpha in expo_alphas(params)}
     judged = {alpha: judge_stage(params, run, generations_stage(params, run, ref, "val"), params.judges.primary)
               for alpha, ref in candidates.items()}

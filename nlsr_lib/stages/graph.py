@@ -110,13 +110,13 @@ class ModelRef:
 
 
 def content_hash(path: str | Path) -> str:
-    """sha256 of a local file or of every file under a local directory (relative names and bytes), so a local
-    data source is keyed by what it holds, not by where it is."""
+    """sha256 of a local file (its suffix, which decides how it is parsed, and its bytes) or of every file under a
+    local directory (relative names and bytes), so a local data source is keyed by what it holds, not by where."""
     path = Path(path)
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        digest.update(str(file.relative_to(path) if file != path else file.suffix).encode())
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)

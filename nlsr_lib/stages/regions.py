@@ -77,7 +77,8 @@ def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
     filtered = params.regions.calibration.filter == "judge"
     judge_inputs = judge_for(params, run, params.judges.primary)[1] if filtered else {}
     rows = _saferlhf_test_rows(params)
-    counts = {"generations": rows, "generated_tokens": None if rows is None else rows * params.generation.max_new_tokens,
+    tokens = None if rows is None else rows * params.generation.max_new_tokens
+    counts = {"generations": rows, "generated_tokens": tokens,
               "judged_responses": rows, "model_loads": 1 + int(filtered and params.judges.primary == "moderation")}
     return request(params, run, "calibration", f"calibration/{ref.tag}", build, values=values,
                    inputs={"model": ref.artifact, **judge_inputs, **inputs}, counts=counts)

@@ -1,7 +1,8 @@
 """Stages of notebooks 05 and 07: training-free defences of an attacked adapter (spec/nlsr.md §5, §7).
 
 :func:`defence_stage` applies one defence of the :mod:`nlsr_lib.restore` registry to an attacked adapter of notebook 02,
-reading adapter files only, and returns the defended model as a :class:`~nlsr_lib.stages.graph.ModelRef` over the same base.
+reading adapter files only, and returns the defended model as a :class:`~nlsr_lib.stages.graph.ModelRef` over the
+same base.
 What each defence is given (DESIGN.md §4: every adapter lives in the aligned LoRA space over W_sft):
 
 * ``nlsr``: the safety reference of notebook 04 (the EXPO adapter at the α chosen on the validation slice, or the

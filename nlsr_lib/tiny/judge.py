@@ -17,8 +17,8 @@ import torch
 from ..config import ModerationConfig
 from ..data.schemas import HARM_CATEGORIES
 from ..progress import bar
-from ..train.guards import check_finite_loss
 from ..evaluate.judges import ModerationJudge
+from .loop import train_loop
 
 
 def tiny_classifier(tokenizer, cfg: ModerationConfig):
@@ -45,22 +45,15 @@ def train_tiny_moderation(tokenizer, train: Sequence[dict], heldout: Sequence[di
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.train_steps,
                                                 pct_start=0.1)
     tokenizer.padding_side = "right"
-    model.train()
-    losses = []
-    for _ in bar(range(cfg.train_steps), desc="tiny moderation"):
+
+    def batch() -> dict[str, torch.Tensor]:  # drawn when the loop asks for it: one draw per step, in order
         idx = torch.randint(len(train), (cfg.train_batch_size,), generator=gen).tolist()
         enc = tokenizer([train[i]["text"] + tokenizer.eos_token for i in idx], return_tensors="pt", padding=True,
                         truncation=True, max_length=cfg.max_length)
-        labels = torch.tensor([train[i]["labels"] for i in idx], dtype=torch.float32)
-        loss = model(**enc, labels=labels).loss
-        check_finite_loss(loss, "tiny moderation", len(losses) + 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
+        return {**enc, "labels": torch.tensor([train[i]["labels"] for i in idx], dtype=torch.float32)}
+
+    batches = (batch() for _ in bar(range(cfg.train_steps), desc="tiny moderation"))
+    losses = train_loop(model, batches, opt, sched, "tiny moderation")
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return {"heldout_accuracy": heldout_accuracy(ModerationJudge(model, tokenizer, cfg.threshold, cfg.max_length,

@@ -24,7 +24,7 @@ from ..config import PretrainConfig, TinyModelConfig
 from ..data.tasks import TASKS
 from ..data.templates import alpaca_prompt
 from ..progress import bar as progress_bar
-from ..train.guards import check_finite_loss
+from .loop import train_loop
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -125,20 +125,12 @@ def pretrain(model, tokenizer, pairs: Sequence[tuple[str, str]], cfg: PretrainCo
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model.train()
-    losses: list[float] = []
     steps = progress_bar(_batches(sequences, cfg.batch_size, cfg.steps, tokenizer.pad_token_id, gen),
                          total=cfg.steps, desc="pretrain")
-    for input_ids, mask, labels in steps:
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        check_finite_loss(loss, "tiny pretraining", len(losses) + 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+
+    def show_loss(losses: list[float]) -> None:
         if len(losses) % 50 == 0:
             steps.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
-    model.eval()
-    return losses
+
+    batches = ({"input_ids": ids, "attention_mask": mask, "labels": labels} for ids, mask, labels in steps)
+    return train_loop(model, batches, opt, sched, "tiny pretraining", on_step=show_loss)
