@@ -125,3 +125,22 @@ def test_stage_run_builds_any_stage_from_the_command_line(nlsr_home, capsys):
     assert len(json.loads(verdicts.read_text())) == 16  # the smoke profile's validation slice
     assert main(["stage", "run", "mixture", "task=sst2", "p=0.1", "attack.n=50", "--params", str(SMOKE)]) == 0
     assert "mixtures/sst2/n50_p0.1:" in capsys.readouterr().out
+
+
+def test_the_ray_executor_gives_a_stage_on_a_narrow_waist_every_cpu(tmp_path):
+    """Tiny notebook 02: the base model's pretraining has only the judge's training (smaller) beside it, so it asks
+    for both CPUs; a mid-grid attack has many others beside it and asks for one."""
+    from nlsr_lib.stages.executors import cpus_for, downstream_of
+
+    plan = plan_of(tmp_path, numbers=["02"], params_file=REPO / "params" / "tiny.yaml")
+    nodes = plan.pending()
+    below = downstream_of(nodes)
+    by_stage = {n.stage: n for n in nodes}
+    base, judge = by_stage["base_model"], by_stage["moderation"]
+    assert below[base.fingerprint] >= {n.fingerprint for n in nodes if n.kind in ("align", "attack", "accuracy")}
+    assert cpus_for(base, nodes, below[base.fingerprint], 2) == 2
+    assert cpus_for(judge, nodes, below[judge.fingerprint], 2) == 1  # the pretraining beside it is larger
+    attack = next(n for n in nodes if n.kind == "attack")
+    assert cpus_for(attack, nodes, below[attack.fingerprint], 2) == 1
+    mixture = next(n for n in nodes if n.kind == "mixture")
+    assert cpus_for(mixture, [mixture], set(), 2) == 1  # no estimated work: never holds the machine

@@ -185,5 +185,6 @@ def moderation_stage(params: Params, run: Run) -> Artifact:
                                f"judges.moderation.min_heldout_accuracy {cfg.min_heldout_accuracy}; train it longer")
         return summary
 
+    tokens = cfg.train_steps * cfg.train_batch_size * cfg.max_length
     return request(params, run, "moderation", "moderation", build, inputs={"tokenizer": tok_artifact, **inputs},
-                   values=values, counts={"trainings": 1})
+                   values=values, counts={"trainings": 1, "training_tokens": tokens})
