@@ -40,7 +40,8 @@ def tiny_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_results(tiny_home):
     records = json.loads((results_dir("tiny") / "01_alignment.json").read_text())
-    moderation = json.loads((runs_dir("tiny") / "moderation" / "manifest.json").read_text())["summary"]
+    (manifest,) = (runs_dir("tiny") / "moderation").glob("*/manifest.json")  # moderation/<fingerprint[:16]>/
+    moderation = json.loads(manifest.read_text())["summary"]
     return records, moderation
 
 
