@@ -10,7 +10,7 @@ in two temporary ``NLSR_HOME`` directories:
 Both runs are child processes of this one, timed end to end (imports, Ray start-up and shutdown included).
 ``ratio_vs_local`` = ray_s / local_s (< 1: Ray is faster). ``same_summaries`` checks the two caches hold the same
 artifacts (fingerprints) with the same manifest summaries (losses, scores, accuracies). Prints progress, then one
-JSON object as its last line. ``--params``/``--only``/``--workers`` choose another plan (the tests run smoke).
+JSON object as its last line. ``--params``/``--only``/``--workers`` choose another plan (the test runs smoke, 01).
 """
 
 from __future__ import annotations

@@ -144,3 +144,16 @@ def test_the_ray_executor_gives_a_stage_on_a_narrow_waist_every_cpu(tmp_path):
     assert cpus_for(attack, nodes, below[attack.fingerprint], 2) == 1
     mixture = next(n for n in nodes if n.kind == "mixture")
     assert cpus_for(mixture, [mixture], set(), 2) == 1  # no estimated work: never holds the machine
+
+
+def test_the_executors_benchmark_runs_both_executors_on_one_plan(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_executors", REPO / "benchmarks" / "executors.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--params", str(SMOKE), "--only", "01", "--keep", str(tmp_path / "homes")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "executors" and result["same_summaries"] is True and result["stages"] > 10
+    assert result["ratio_vs_local"] == round(result["ray_s"] / result["local_s"], 3)
+    assert (tmp_path / "homes" / "ray" / "runs" / "smoke").is_dir()

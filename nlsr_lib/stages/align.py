@@ -16,7 +16,7 @@ ROW_SIZES = {"sft": ("sft_size",), "dpo": ("preference_size",), "orpo": ("prefer
              "simpo": ("preference_size",), "kto": ("kto_safe", "kto_unsafe")}
 
 
-def _training_tokens(rows: int, train) -> int:
+def training_tokens(rows: int, train) -> int:
     """An upper bound of the tokens a training reads: rows × epochs × max_length (``max_steps`` when set)."""
     if train.max_steps > 0:
         return train.max_steps * train.batch_size * train.grad_accum * train.max_length
@@ -57,7 +57,7 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
         return summary
 
     rows = sum(getattr(params.data, field) for field in ROW_SIZES[method])
-    counts = {"trainings": 1, "training_tokens": _training_tokens(rows, tc), "model_loads": 2 if method == "sft" else 1}
+    counts = {"trainings": 1, "training_tokens": training_tokens(rows, tc), "model_loads": 2 if method == "sft" else 1}
     return request(params, run, "align", f"align/{method}", build, args={"method": method}, reads=sizes,
                    values=values, inputs={"start": start, **inputs}, counts=counts, distributed_build=True)
 

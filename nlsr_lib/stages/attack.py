@@ -17,7 +17,7 @@ from .. import distributed
 from ..config import Params
 from ..progress import bars_enabled
 from ..runs import Artifact, Run, atomic_write_json
-from .align import UNALIGNED, _training_tokens, aligned_adapter_ref
+from .align import UNALIGNED, aligned_adapter_ref, training_tokens
 from .graph import ModelRef, request, stage_kind
 from .world import load_sources, source_inputs
 
@@ -77,7 +77,7 @@ def attack_stage(params: Params, run: Run, method: str, task: str, p: float, n: 
 
     tag = f"{method}/{mixture.stage.removeprefix('mixtures/')}"
     n_rows = params.attack.n if n is None else n
-    counts = {"trainings": 1, "training_tokens": _training_tokens(n_rows, params.attack.train), "model_loads": 1}
+    counts = {"trainings": 1, "training_tokens": training_tokens(n_rows, params.attack.train), "model_loads": 1}
     artifact = request(params, run, "attack", f"attack/{tag}", build, args={"method": method},
                        inputs={"start": start.artifact, "mixture": mixture}, counts=counts, distributed_build=True)
     return ModelRef(f"attack/{tag}", start.base, str(artifact.path / "adapter"), artifact)

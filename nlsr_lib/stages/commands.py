@@ -11,7 +11,10 @@ Arguments are the stage's own (``method=dpo``, ``task=sst2``, ``p=0.1``, ...); a
     restore:<defence>:<method>:<task>:<p> a defended adapter (notebook 05)
     fusion:<name>:<task>[+<task>…]        a fused adapter (notebook 06)
 
-A dotted key (``attack.n=200``) overrides that params field for this command.
+The calibration and mask stages take ``reference=<method>`` (its EXPO safety reference; ``plain=true`` for the
+aligned adapter) or any ``model=``; the restore stage ``defence= method= task= p=``; the fusion stages
+``tasks=<task>[+<task>…]`` (and ``name=`` for ``fusion``). A dotted key (``attack.n=200``) overrides that params
+field for this command.
 """
 
 from __future__ import annotations
@@ -80,12 +83,15 @@ def _model(params, run, args) -> ModelRef:
 
 
 def _reference(params, run, args) -> ModelRef:
+    """The model a calibration or mask stage reads: ``model=…`` (any), or ``reference=<method>`` (its EXPO
+    reference; ``plain=true`` for the aligned adapter itself)."""
     from .regions import reference_for
 
-    method = args.pop("reference", None) or args.pop("method", None)
-    if method is None:
-        raise UsageError("this stage needs reference=<method> (the EXPO reference) or model=… (any model)")
-    return reference_for(params, run, method) if "model" not in args else _model(params, run, args)
+    if "model" in args:
+        return _model(params, run, args)
+    if "reference" not in args:
+        raise UsageError("this stage needs reference=<method> (its safety reference) or model=… (any model)")
+    return reference_for(params, run, str(args.pop("reference")), "plain" if args.pop("plain", False) else "expo")
 
 
 def _tasks(args) -> tuple[str, ...]:

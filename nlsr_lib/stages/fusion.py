@@ -31,7 +31,7 @@ from ..config import Params
 from ..progress import bars_enabled
 from ..registry import Registry
 from ..runs import Artifact, Run, atomic_write_json
-from .align import _training_tokens, aligned_adapter_ref
+from .align import aligned_adapter_ref, training_tokens
 from .attack import attack_stage
 from .graph import ModelRef, request, stage_kind
 from .regions import SUBSPACE_FILE, load_stage_mask, mask_stage
@@ -293,7 +293,7 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
                 "mean_probability": last["mean_probability"]}
 
     tag = f"fusion/{_inputs_tag(params, tasks)}/learned_mask"
-    counts = {"trainings": 1, "training_tokens": _training_tokens(2 * lm.n_pairs, _MaskTraining(lm)),
+    counts = {"trainings": 1, "training_tokens": training_tokens(2 * lm.n_pairs, _MaskTraining(lm)),
               "model_loads": 1}
     artifact = request(params, run, "learned_mask", tag, build, args={"tasks": list(tasks)},
                        values={**source_values, "merge_params": method_params(params.fusion, lm.merge)},
@@ -303,7 +303,7 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
 
 @dataclass(frozen=True)
 class _MaskTraining:
-    """The learned mask's training settings in the shape :func:`~nlsr_lib.stages.align._training_tokens` reads."""
+    """The learned mask's training settings in the shape :func:`~nlsr_lib.stages.align.training_tokens` reads."""
 
     lm: Any
 

@@ -15,10 +15,10 @@ from ..config import Params
 from ..registry import Registry
 from ..runs import Run
 from . import ablation as ablations
-from .align import UNALIGNED, align_stage, aligned_adapter_ref
+from .align import align_stage, aligned_adapter_ref
 from .attack import attack_points, attack_stage, harmful_count
-from .evaluate import harmful_scores, measure, generations_stage, primary_harmful_score, primary_safety, \
-    task_accuracy_stage
+from .evaluate import (generations_stage, harmful_scores, measure, primary_harmful_score, primary_safety,
+                       task_accuracy_stage)
 from .expo import expo_alphas, expo_stage, reference_stage
 from .fusion import fusion_names, fusion_stage, learned_mask_stage, task_refs
 from .regions import calibration_stage, mask_stage
@@ -193,4 +193,4 @@ def restoration_ablation(params: Params, run: Run) -> dict[str, Any]:
     return {"baselines": baselines, "records": records}
 
 
-__all__ = ["NOTEBOOK_STAGES", "UNALIGNED", "fusion_input_sets"]
+__all__ = ["NOTEBOOK_STAGES", "fusion_input_sets"]

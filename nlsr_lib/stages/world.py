@@ -48,14 +48,12 @@ def uses_world(params: Params, *names: str) -> bool:
 def source_inputs(params: Params, run: Run, *names: str) -> tuple[dict[str, Artifact], dict[str, str]]:
     """What a stage reading the sources ``names`` depends on: the world artifact (if one of them is synthetic) and,
     per source, ``synthetic``, the hub id, or ``sha256:<content>`` of a local copy (keyed by content, not path)."""
-    from pathlib import Path as _Path
-
     sources = to_dict(params.data.sources)
     values = {}
     for name in names:
         where = sources[name]
-        if where != "synthetic" and _Path(where).expanduser().exists():
-            where = "sha256:" + run.memo(f"content/{where}", lambda w=where: content_hash(_Path(w).expanduser()))
+        if where != "synthetic" and Path(where).expanduser().exists():
+            where = "sha256:" + run.memo(f"content/{where}", lambda w=where: content_hash(Path(w).expanduser()))
         values[name] = where
     inputs = {"world": world_stage(params, run)} if uses_world(params, *names) else {}
     return inputs, values
