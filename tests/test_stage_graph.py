@@ -155,5 +155,5 @@ def test_the_executors_benchmark_runs_both_executors_on_one_plan(tmp_path, capsy
     assert bench.main(["--params", str(SMOKE), "--only", "01", "--keep", str(tmp_path / "homes")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "executors" and result["same_summaries"] is True and result["stages"] > 10
-    assert result["ratio_vs_local"] == round(result["ray_s"] / result["local_s"], 3)
+    assert abs(result["ratio_vs_local"] - result["ray_s"] / result["local_s"]) < 0.02  # from unrounded seconds
     assert (tmp_path / "homes" / "ray" / "runs" / "smoke").is_dir()
