@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ from ..config import Params
 from ..progress import bars_enabled
 from ..registry import Registry
 from ..runs import Artifact, Run, atomic_write_json
-from .align import aligned_adapter_ref, training_tokens
+from .align import aligned_adapter_ref
 from .attack import attack_stage
 from .graph import ModelRef, request, stage_kind
 from .regions import SUBSPACE_FILE, load_stage_mask, mask_stage
@@ -293,31 +293,12 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
                 "mean_probability": last["mean_probability"]}
 
     tag = f"fusion/{_inputs_tag(params, tasks)}/learned_mask"
-    counts = {"trainings": 1, "training_tokens": training_tokens(2 * lm.n_pairs, _MaskTraining(lm)),
+    counts = {"trainings": 1, "training_tokens": int(2 * lm.n_pairs * lm.epochs * lm.max_length),
               "model_loads": 1}
     artifact = request(params, run, "learned_mask", tag, build, args={"tasks": list(tasks)},
                        values={**source_values, "merge_params": method_params(params.fusion, lm.merge)},
                        inputs={**inputs, **source_deps}, counts=counts)
     return ModelRef(tag, aligned.base, str(artifact.path / "adapter"), artifact)
-
-
-@dataclass(frozen=True)
-class _MaskTraining:
-    """The learned mask's training settings in the shape :func:`~nlsr_lib.stages.align.training_tokens` reads."""
-
-    lm: Any
-
-    @property
-    def max_steps(self) -> int:
-        return -1
-
-    @property
-    def epochs(self) -> float:
-        return self.lm.epochs
-
-    @property
-    def max_length(self) -> int:
-        return self.lm.max_length
 
 
 def mask_history(ref: ModelRef) -> list[dict]:
