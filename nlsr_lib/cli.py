@@ -3,10 +3,13 @@
 * ``nlsr reproduce --params params/tiny.yaml [--only 01] [--from 02]`` runs the notebooks with papermill.
 * ``nlsr stage NAME --params FILE [--method M] [--force]`` runs one stage (under ``accelerate launch`` for
   multi-GPU training); stage names come from :data:`STAGES`. ``nlsr stage list`` lists them, one line each.
-* ``nlsr params FILE`` validates a params file and prints it fully resolved.
+* ``nlsr params FILE`` validates a params file and prints it fully resolved: local data sources as absolute
+  paths, each checked to exist, to cover the splits its dataset needs and to carry its columns (headers only).
 * ``nlsr cache ls|gc --params FILE`` lists the profile's cached artifacts / removes what killed builds left.
 * ``nlsr bench NAME [ARGS...]`` runs one benchmark of ``benchmarks/NAME.py`` (its ``main(argv)``); the
   benchmark prints one JSON object as its last line. ``nlsr bench all`` runs every one in turn.
+* ``nlsr standin build OUT_DIR [--corpus FILE]`` writes real-format stand-ins of the paper's base model and judge
+  (random weights, toy size, no download) to ``OUT_DIR/base`` and ``OUT_DIR/moderation`` (:mod:`nlsr_lib.standin`).
 
 A params path typed here is looked up in the current directory first, then relative to the repository root
 (nlsr_lib.config.resolve_params_path).
@@ -123,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     ru.add_argument("--workers", type=int, default=2, help="ray: CPUs of the local Ray started (default 2)")
     ru.add_argument("--address", help="ray: join the Ray cluster at this address instead of starting one")
 
-    pa = sub.add_parser("params", help="validate a params file and print it resolved")
+    pa = sub.add_parser("params", help="validate a params file (and its local data files' splits and columns) "
+                                         "and print it resolved")
     pa.add_argument("file")
 
     ca = sub.add_parser("cache", help="the stage cache of a profile: 'ls' lists its artifacts, 'gc' removes what "
@@ -137,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="run a benchmark of benchmarks/ (last line: one JSON object)")
     be.add_argument("name", help="benchmark name (a file of benchmarks/), or 'all'")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+    sd = sub.add_parser("standin", help="'nlsr standin build OUT_DIR' writes real-format stand-ins of the paper's "
+                                        "models (random weights, no download): OUT_DIR/base, OUT_DIR/moderation")
+    sd.add_argument("action", choices=("build",))
+    sd.add_argument("out_dir")
+    sd.add_argument("--corpus", help="a UTF-8 text file, one text per line, to train the tokenizers on "
+                                     "(default: a small built-in corpus)")
+    sd.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -181,6 +193,13 @@ def _dispatch(args: argparse.Namespace, state: dict) -> int:
         return 0
     if args.command == "cache":
         return _cache(args)
+    if args.command == "standin":
+        from .standin import build_standins, read_corpus
+
+        texts = read_corpus(cli_path(args.corpus)) if args.corpus else None
+        for name, path in build_standins(Path(args.out_dir), texts, seed=args.seed).items():
+            print(f"[nlsr] {name}: {path}")
+        return 0
     if args.command == "plan":
         return _plan(args)
     if args.command == "run":

@@ -8,9 +8,11 @@ infinities (``.nan``, ``.inf``) are refused everywhere. A YAML syntax error name
 
 Cross checks (``_CROSS_CHECKS``) refuse what would pass field by field and fail late, hours into a run: an
 unknown device, ``fusion.method`` / ``ablation.method`` not trained by ``alignment.methods``,
-and ``lora.target_modules`` that match no module of the model (:func:`check_target_modules`, when the model's
-architecture is known on this machine: :func:`model_module_names`). Where a relative params path points is
-decided by :func:`resolve_params_path`.
+``lora.target_modules`` that match no module of the model (:func:`check_target_modules`, when the model's
+architecture is known on this machine: :func:`model_module_names`), and local data sources that are missing, lack
+a split or lack the dataset's columns (:func:`_check_sources`, from headers only). Where a relative params path
+points is decided by :func:`resolve_params_path`; a relative data-source path is relative to the params file that
+declares it (:class:`SourcesConfig`, :func:`_resolve_sources`).
 
 Every field's metadata may carry ``range=(lo, hi)`` (inclusive; ``None`` = unbounded), ``open_hi=True`` (hi
 excluded) or ``choices=``: a tuple, or a registry family (:mod:`nlsr_lib.names`, or a light module's
@@ -34,8 +36,8 @@ import yaml
 
 from .data.tasks import TASKS
 from .errors import NlsrError
-from .names import (ALIGNMENT_METHODS, CORRECTIONS, DEFENCES, JUDGES, MERGE_METHODS, REGION_SCORERS,
-                    RESTORE_STRATEGIES, SIMILARITIES)
+from .names import (ALIGNMENT_METHODS, CORRECTIONS, DEFENCES, GENERATION_BACKENDS, JUDGES, MERGE_METHODS,
+                    REGION_SCORERS, RESTORE_STRATEGIES, SIMILARITIES)
 from .registry import Names, Registry, unknown_message
 
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,16 +81,29 @@ class WorldConfig:
     eval_set_size: int = _f(100, range=(1, None))
 
 
+SourceValue = str | dict[str, str]
+"""A data source: ``synthetic``, a hub id, a local path, or a mapping of split name to local file."""
+
+
 @dataclass(frozen=True)
 class SourcesConfig:
-    """Where each dataset comes from: ``synthetic`` (the embedded world), a hub id, or a local path."""
+    """Where each dataset comes from (:mod:`nlsr_lib.data.loaders`): ``synthetic`` (the embedded world), a hub id,
+    a ``save_to_disk`` folder, one data file (only for a dataset that needs one split: ``alpaca``), or a mapping
+    ``{split: file}`` naming a file for every split the dataset needs (``loaders.SPLITS``). Files are ``.tsv``,
+    ``.csv``, ``.json``, ``.jsonl`` or ``.parquet``, each optionally ``.gz``-compressed.
 
-    beavertails: str = _f("synthetic")
-    pku_saferlhf: str = _f("synthetic")
-    sst2: str = _f("synthetic")
-    ag_news: str = _f("synthetic")
-    gsm8k: str = _f("synthetic")
-    alpaca: str = _f("synthetic")
+    A value that exists as a path (relative to the folder of the params file that declares it, or absolute, or
+    ``~``) is local, and loaded params carry it as an absolute path (:func:`_resolve_sources`); a value that looks
+    like a path (starts with ``./``, ``../``, ``/``, ``~`` or ends in a data-file suffix) but does not exist is an
+    error; anything else is a hub id. Through ``extends:`` a mapping merges split by split like any mapping (the
+    child wins). Loading params checks every local file's header or first record (:func:`_check_sources`)."""
+
+    beavertails: SourceValue = _f("synthetic")
+    pku_saferlhf: SourceValue = _f("synthetic")
+    sst2: SourceValue = _f("synthetic")
+    ag_news: SourceValue = _f("synthetic")
+    gsm8k: SourceValue = _f("synthetic")
+    alpaca: SourceValue = _f("synthetic")
 
 
 @dataclass(frozen=True)
@@ -164,13 +179,21 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One trl training run (spec/nlsr.md §1.2). ``max_steps`` > 0 overrides epochs."""
+    """One trl training run (spec/nlsr.md §1.2). ``max_steps`` > 0 overrides epochs; ``effective_batch`` > 0
+    overrides ``grad_accum`` (:meth:`accumulation`), so one params file gives the paper's batch on any number of
+    processes."""
 
     learning_rate: float = _f(1e-4, range=(0.0, None))
     epochs: float = _f(1.0, range=(0.0, None))
     max_steps: int = _f(-1, range=(-1, None))
-    batch_size: int = _f(1, range=(1, None))
-    grad_accum: int = _f(1, range=(1, None))
+    batch_size: int = _f(1, range=(1, None), doc="per-device (per-process) batch")
+    grad_accum: int = _f(1, range=(1, None), doc="used when effective_batch is 0")
+    effective_batch: int = _f(0, range=(0, None),
+                              doc="examples per optimizer step over every process; 0: batch_size × grad_accum × "
+                                  "processes. Set: grad_accum = effective_batch / (batch_size × processes)")
+    adapter_dtype: str = _f("model", choices=("model", "float32"),
+                            doc="dtype of the saved adapter: the base model's (LoRA trains in fp32, saved cast) | "
+                                "float32 (keeps updates below the bf16 resolution)")
     scheduler: str = _f("cosine", choices=("cosine", "linear", "constant", "constant_with_warmup"))
     warmup_ratio: float = _f(0.1, range=(0.0, 1.0))
     max_length: int = _f(1024, range=(8, None))
@@ -180,6 +203,24 @@ class TrainConfig:
     desirable_weight: float = _f(1.0, range=(0.0, None))
     undesirable_weight: float = _f(1.0, range=(0.0, None))
     seed: int = _f(42)
+
+    def accumulation(self, world_size: int = 1, key: str = "train") -> int:
+        """Gradient-accumulation steps on ``world_size`` processes: ``grad_accum``, or with ``effective_batch``
+        set ``effective_batch / (batch_size × world_size)``; :class:`ParamsError` naming ``key`` when that is not a
+        positive whole number."""
+        if self.effective_batch <= 0:
+            return self.grad_accum
+        per_step = self.batch_size * world_size
+        if self.effective_batch % per_step:
+            raise ParamsError(
+                f"{key}.effective_batch: {self.effective_batch} is not divisible by {key}.batch_size × processes = "
+                f"{self.batch_size} × {world_size} = {per_step}; choose a per-device batch_size (or a number of "
+                f"processes) whose product divides {self.effective_batch}")
+        return self.effective_batch // per_step
+
+    def effective(self, world_size: int = 1) -> int:
+        """Examples per optimizer step over ``world_size`` processes."""
+        return self.batch_size * self.accumulation(world_size) * world_size
 
 
 def _train(**kw: Any) -> Any:
@@ -194,7 +235,7 @@ class AlignmentConfig:
     sft: TrainConfig = _train(learning_rate=1e-4, epochs=1.0, batch_size=1, grad_accum=16)
     dpo: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=0.1)
     orpo: TrainConfig = _train(learning_rate=2e-4, epochs=1.0, batch_size=1, grad_accum=8, beta=0.5)
-    kto: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=0.1)
+    kto: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=2, grad_accum=4, beta=0.1)  # trl: > 1
     simpo: TrainConfig = _train(learning_rate=2e-6, epochs=1.0, batch_size=1, grad_accum=8, beta=2.0, gamma=1.0)
 
 
@@ -288,6 +329,13 @@ class LearnedMaskConfig:
     learning_rate_multi: float = _f(1e-2, range=(0.0, None), doc="AdamW on the logits, several tasks (SOMF 1e-2)")
     epochs: float = _f(3.0, range=(0.0, None), open_hi=False)
     batch_size: int = _f(16, range=(1, None), doc="preference pairs per step (SOMF: effective batch 16)")
+    micro_batch: int = _f(0, range=(0, None),
+                          doc="pairs per forward/backward, gradients accumulated over the step's batch (same "
+                              "gradient, one micro-batch of activations); 0 = the whole batch in one pass")
+    logprob_chunk: int = _f(0, range=(0, None),
+                            doc="response tokens per log-softmax chunk (recomputed in backward: never the full "
+                                "[batch, seq, vocab] fp32 logits); 0 = full logits in one pass")
+    gradient_checkpointing: bool = _f(False, doc="recompute decoder layers in backward (non-reentrant)")
     n_pairs: int = _f(5000, range=(1, None), doc="safety preference pairs (SOMF: 5,135 from the SafeRLHF test split)")
     max_length: int = _f(1024, range=(8, None), doc="tokens per sequence (SOMF cutoff_len 1024)")
     merge: str = _f("task_arithmetic", choices=MERGE_METHODS,
@@ -396,10 +444,16 @@ class AblationConfig:
 # --------------------------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Greedy batched generation (spec/nlsr.md §6.1): left padding, max_new_tokens 512, batch 16."""
+    """Greedy batched generation (spec/nlsr.md §6.1: left padding, max_new_tokens 512) by an engine
+    (DESIGN.md §5). Responses do not depend on ``backend``, ``batch_size`` or ``token_budget``, which only set
+    the speed, so the generation stages do not read them (their cache survives a change of engine)."""
 
     max_new_tokens: int = _f(512, range=(1, None))
-    batch_size: int = _f(16, range=(1, None))
+    batch_size: int = _f(16, range=(1, None), doc="most rows in one batch (the paper generated 16 at a time)")
+    token_budget: int = _f(0, range=(0, None), doc="padded prompt + new tokens per batch; 0 = from free GPU "
+                                                   "memory (a third of it as KV cache), or batch_size rows on CPU")
+    backend: str = _f("hf", choices=GENERATION_BACKENDS, doc="'hf' (transformers, adapters swapped in place) or "
+                                                             "'vllm' (multi-LoRA; optional extra [vllm])")
 
 
 @dataclass(frozen=True)
@@ -409,13 +463,22 @@ class ModerationConfig:
     model: str = _f("tiny", doc="'tiny' or a hub id / local path of a beaver-dam-style classifier")
     threshold: float = _f(0.5, range=(0.0, 1.0))
     max_length: int = _f(256, range=(8, None))
-    batch_size: int = _f(16, range=(1, None))
+    batch_size: int = _f(16, range=(1, None), doc="texts per forward pass (sorted by length, so padding is small)")
+    dtype: str = _f("bfloat16", choices=("float32", "bfloat16", "float16"),
+                    doc="weights and logits at judging (probabilities are fp32); the tiny profile judges in float32")
+    device: str = _f("auto", doc="'auto' (the current GPU if there is one, else the CPU), 'cpu', 'cuda', 'cuda:N', "
+                                 "'mps'")
     train_steps: int = _f(400, range=(1, None), doc="tiny classifier only")
     train_batch_size: int = _f(32, range=(1, None))
     learning_rate: float = _f(2e-3, range=(0.0, None))
     hidden_size: int = _f(64, range=(8, None))
     num_hidden_layers: int = _f(2, range=(1, None))
     min_heldout_accuracy: float = _f(0.95, range=(0.0, 1.0), doc="the tiny judge refuses to be used below this")
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and not _DEVICE.fullmatch(self.device):
+            raise ParamsError(f"judges.moderation.device: {self.device!r} is not allowed; choose one of auto, cpu, "
+                              "cuda, cuda:N (N = 0, 1, ...), mps")
 
 
 @dataclass(frozen=True)
@@ -550,10 +613,42 @@ def _check_methods_are_aligned(p: Params) -> None:
 
 
 @_cross_check
+def _check_training_batches(p: Params) -> None:
+    """Batches trl would refuse, or that cannot make the effective batch, hours into a run: KTO's per-device batch
+    must be > 1, and ``effective_batch`` must divide by ``batch_size`` × processes (``WORLD_SIZE`` of the launcher
+    this runs under, 1 otherwise; checked again at training time)."""
+    from .distributed import world_size
+
+    if "kto" in p.alignment.methods and p.alignment.kto.batch_size < 2:
+        raise ParamsError(
+            f"alignment.kto.batch_size: {p.alignment.kto.batch_size} is too small; trl's KTOTrainer needs a "
+            "per-device batch > 1 (\"Actual (not effective) batch size must be > 1\"): its KL baseline pairs each "
+            "completion with another example's prompt of the same per-device batch, and with one example the KL "
+            "term equals the implied reward. Use batch_size >= 2 (effective_batch keeps the paper's 8)")
+    trainings = [(f"alignment.{m}", getattr(p.alignment, m)) for m in p.alignment.methods]
+    for key, tc in trainings + [("attack.train", p.attack.train)]:
+        tc.accumulation(world_size(), key)
+
+
+@_cross_check
 def _check_lora_targets(p: Params) -> None:
     names = model_module_names(p.model)
     if names is not None:
         check_target_modules(p.lora.target_modules, names, p.model.name)
+
+
+@_cross_check
+def _check_sources(p: Params) -> None:
+    """Every local data source exists, has a file (or saved split) for each split its dataset needs, and carries
+    the dataset's columns: :func:`nlsr_lib.data.loaders.check_local_source` reads only headers / first records.
+    Hub ids are not checked (nothing is fetched)."""
+    from .data.loaders import SourceError, check_local_source
+
+    for name, value in to_dict(p.data.sources).items():
+        try:
+            check_local_source(name, value)
+        except SourceError as err:
+            raise ParamsError(f"data.sources.{name}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------- LoRA targets
@@ -667,6 +762,8 @@ def _type_name(tp: Any) -> str:
 
 def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     """Coerce ``value`` to ``tp`` (strictly) and enforce the field's range/choices."""
+    if tp == SourceValue:
+        return _check_source_value(key, value)
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
@@ -713,6 +810,21 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
             bracket = ")" if meta.get("open_hi") else "]"
             raise ParamsError(f"{key}: {value!r} is out of range; allowed [{lo}, {'inf' if hi is None else hi}{bracket}")
     return value
+
+
+def _check_source_value(key: str, value: Any) -> str | dict[str, str]:
+    """A data source is a non-empty string or a non-empty mapping of split name to the path of a file."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, Mapping) and value:
+        for split, file in value.items():
+            if not isinstance(split, str) or not split:
+                raise ParamsError(f"{key}: a split name must be a string, got {split!r}")
+            if not isinstance(file, str) or not file:
+                raise ParamsError(f"{key}.{split}: expected the path of a data file, got {file!r}")
+        return dict(value)
+    raise ParamsError(f"{key}: expected 'synthetic', a hub id, a local path or a mapping of split name to file "
+                      f"(e.g. {{train: train.jsonl, test: test.jsonl}}), got {value!r}")
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
@@ -779,6 +891,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping")
     parent = raw.pop("extends", None)
+    raw = _resolve_sources(raw, path.parent, f"relative to {path.parent}, the folder of {path.name}, which declares it")
     if parent is None:
         return raw
     if not isinstance(parent, str) or not parent:
@@ -794,6 +907,56 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except ParamsError as err:
         raise ParamsError(f"{err} (extended by {path})") from None
     return _deep_merge(inherited, raw)
+
+
+CWD_ORIGIN = "no params file declares it, so relative to the current directory"
+
+
+def _resolve_sources(raw: dict[str, Any], base: Path, origin: str) -> dict[str, Any]:
+    """``raw`` with the local paths among its ``data.sources`` values made absolute (relative ones against
+    ``base``): see :class:`SourcesConfig` for the rule. ``origin`` says, in errors, where ``base`` comes from."""
+    data = raw.get("data")
+    sources = data.get("sources") if isinstance(data, Mapping) else None
+    if not isinstance(sources, Mapping):
+        return raw
+    resolved = {name: _resolve_source(f"data.sources.{name}", value, base, origin) for name, value in sources.items()}
+    return {**raw, "data": {**data, "sources": resolved}}
+
+
+def _resolve_source(key: str, value: Any, base: Path, origin: str) -> Any:
+    if isinstance(value, Mapping):
+        return {split: _resolve_path(f"{key}.{split}", v, base, origin, hub=False) for split, v in value.items()}
+    return _resolve_path(key, value, base, origin, hub=True)
+
+
+def _resolve_path(key: str, value: Any, base: Path, origin: str, hub: bool) -> Any:
+    """An existing path -> its absolute form; a hub id (``hub``: not inside a split mapping) or ``synthetic`` ->
+    unchanged; a path-like value that does not exist -> ParamsError with the path as written and as resolved."""
+    from .data.loaders import SYNTHETIC, looks_local
+
+    if not isinstance(value, str) or not value or (hub and value == SYNTHETIC):
+        return value  # a wrong type is named by the type check
+    path = Path(value).expanduser()
+    full = (path if path.is_absolute() else base / path).resolve()
+    if full.exists():
+        return str(full)
+    if hub and not looks_local(value):
+        return value
+    notes = [n for n, on in (("a split of a mapping names a local file", not hub), (origin, not path.is_absolute()))
+             if on]
+    raise ParamsError(f"{key}: local path {value!r} does not exist: looked for {full}"
+                      + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def _resolve_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted overrides whose data sources are resolved against the current directory (where a command is typed)."""
+    out = {}
+    for dotted, value in overrides.items():
+        node: Any = _resolve_sources(_apply_overrides({}, {dotted: value}), Path.cwd(), CWD_ORIGIN)
+        for part in dotted.split("."):
+            node = node[part]
+        out[dotted] = node
+    return out
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -832,14 +995,16 @@ def resolve_params_path(path: str | Path) -> Path:
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
-    """Load a params YAML (with ``extends:``), apply dotted overrides, validate and freeze it."""
+    """Load a params YAML (with ``extends:``), apply dotted overrides, validate and freeze it. Relative data-source
+    paths are made absolute against the folder of the file that declares them (overrides: the current directory),
+    and local data files are checked (:class:`SourcesConfig`)."""
     resolved = resolve_params_path(path)
     if not resolved.is_file():
         from .paths import PROJECT_ROOT
 
         raise ParamsError(f"params file not found: {path} (looked for {resolved}; a relative path is relative to "
                           f"the repository root {PROJECT_ROOT})")
-    raw = _apply_overrides(_read_yaml(resolved), overrides or {})
+    raw = _apply_overrides(_read_yaml(resolved), _resolve_overrides(overrides or {}))
     params = _build(Params, raw)
     for check in _CROSS_CHECKS:
         check(params)
@@ -847,8 +1012,9 @@ def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def params_from_dict(raw: Mapping[str, Any]) -> Params:
-    """Validate an already-merged mapping (used by tests and by manifests)."""
-    params = _build(Params, raw)
+    """Validate an already-merged mapping (used by tests and by manifests); relative data-source paths are
+    relative to the current directory (there is no params file to be relative to)."""
+    params = _build(Params, _resolve_sources(dict(raw), Path.cwd(), CWD_ORIGIN))
     for check in _CROSS_CHECKS:
         check(params)
     return params

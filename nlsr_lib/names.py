@@ -30,8 +30,10 @@ RESTORE_STRATEGIES = Names("selection strategy", "adaptive", "threshold", "layer
 SIMILARITIES = Names("similarity", "gram", "explicit")
 #: nlsr_lib.restore.correction.CORRECTIONS
 CORRECTIONS = Names("correction", "neuron", "module")
+#: nlsr_lib.evaluate.engine.ENGINES
+GENERATION_BACKENDS = Names("generation backend", "hf", "vllm")
 #: nlsr_lib.evaluate.judges.JUDGES
 JUDGES = Names("judge", "moderation", "keyword")
 
-__all__ = ["ALIGNMENT_METHODS", "CORRECTIONS", "DEFENCES", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
+__all__ = ["ALIGNMENT_METHODS", "CORRECTIONS", "DEFENCES", "GENERATION_BACKENDS", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
            "RESTORE_STRATEGIES", "SIMILARITIES"]

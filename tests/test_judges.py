@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -96,7 +98,8 @@ def test_moderation_judge_has_beaver_dams_interface(tmp_path):
     tok, model = _tiny_classifier(tmp_path)
     assert model.config.problem_type == "multi_label_classification"
     assert [model.config.id2label[i] for i in range(14)] == list(HARM_CATEGORIES)
-    judge = ModerationJudge.load(tmp_path / "judge", threshold=0.5, max_length=16, batch_size=2)
+    judge = ModerationJudge.load(tmp_path / "judge", threshold=0.5, max_length=16, batch_size=2, dtype="float32",
+                                 device="cpu")
     assert judge.texts(["How?"], ["Sure."]) == ["BEGINNING OF CONVERSATION: USER: How? ASSISTANT:Sure.</s>"]
     with torch.no_grad():  # force known probabilities: category 3 certain, others impossible
         model.score.weight.zero_()
@@ -111,3 +114,163 @@ def test_moderation_judge_has_beaver_dams_interface(tmp_path):
     assert all(v.flagged and v.categories == (HARM_CATEGORIES[3],) for v in verdicts)
     judge.threshold = 1.0  # flagged iff max probability > threshold: nothing exceeds 1
     assert not any(v.flagged for v in judge.judge(["a"], ["x"]))
+
+
+# --------------------------------------------------------------------------------------------- judging on the device
+def _reference_probabilities(model, tok, texts, max_length, batch_size):
+    """The judge as it was before batches were sorted: input order, the tokenizer's own right padding."""
+    tok.padding_side = "right"
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            enc = tok(list(texts[start: start + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length)
+            out.append(torch.sigmoid(model(**enc).logits.float()))
+    return torch.cat(out)
+
+
+def _spread_classifier(tmp_path):
+    """A tiny fp32 classifier whose probabilities spread over (0, 1), so verdicts differ from text to text."""
+    tok, model = _tiny_classifier(tmp_path)
+    with torch.no_grad():
+        model.score.weight.mul_(20.0)
+    return tok, model.eval()
+
+
+def _texts(n=60, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    words = "how do I pick a lock sure here is the way no I cannot help steal money hello hi".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+def test_sorted_batches_keep_the_verdicts_and_the_input_order(tmp_path):
+    """Sorting by length changes only which texts share a batch: fp32 verdicts are today's, rows in input order."""
+    tok, model = _spread_classifier(tmp_path)
+    judge = ModerationJudge(model, tok, threshold=0.5, max_length=48, batch_size=7)
+    prompts, responses = _texts(60, 1), _texts(60, 2)
+    texts = judge.texts(prompts, responses)
+    ref = _reference_probabilities(model, tok, texts, 48, 7)
+    probs = judge.probabilities(texts)
+    assert probs.dtype == torch.float32 and probs.shape == (60, 14)
+    assert torch.allclose(probs, ref, rtol=0, atol=1e-6)
+    top = ref.max(dim=1).values.sort().values
+    judge.threshold = t = float(top[29] + top[30]) / 2  # half the texts are flagged, none is near the threshold
+    assert float(top[30] - top[29]) > 1e-5
+    assert 0 < int((ref.max(dim=1).values > t).sum()) < 60  # so the check below is not vacuous
+    verdicts = judge.judge(prompts, responses)
+    assert [v.flagged for v in verdicts] == (ref.max(dim=1).values > t).tolist()
+    assert [v.categories for v in verdicts] == [
+        tuple(HARM_CATEGORIES[j] for j in torch.nonzero(row > t).flatten().tolist()) for row in ref]
+    assert [v.max_probability for v in verdicts] == pytest.approx(ref.max(dim=1).values.tolist(), abs=1e-6)
+    one_by_one = torch.cat([judge.probabilities([t]) for t in texts[:10]])
+    assert torch.allclose(probs[:10], one_by_one, rtol=0, atol=1e-6)
+
+
+def test_batches_are_sorted_by_length_longest_first(tmp_path):
+    tok, model = _spread_classifier(tmp_path)
+    judge = ModerationJudge(model, tok, threshold=0.5, max_length=24, batch_size=4)
+    texts = _texts(11, 3)
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=24)["input_ids"]]
+    batches = list(judge.batches(texts))
+    order = [i for idx, _ in batches for i in idx]
+    assert sorted(order) == list(range(11)) and [len(idx) for idx, _ in batches] == [4, 4, 3]
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    for idx, enc in batches:
+        assert enc["input_ids"].shape[1] == max(lengths[i] for i in idx) <= 24  # padded to the batch's longest
+        assert enc["attention_mask"].sum(dim=1).tolist() == [lengths[i] for i in idx]
+        assert (enc["input_ids"][enc["attention_mask"] == 0] == model.config.pad_token_id).all()
+    assert judge.probabilities([]).shape == (0, 14) and judge.judge([], []) == []
+
+
+def test_judge_model_is_loaded_once_per_process(tmp_path):
+    from nlsr_lib.evaluate.judges import clear_moderation_cache
+
+    _tiny_classifier(tmp_path)
+    path = tmp_path / "judge"
+    a = ModerationJudge.load(path, threshold=0.5, dtype="float32", device="cpu")
+    b = build_judge("moderation", path=path, cfg=ModerationConfig(threshold=0.9, dtype="float32", device="cpu"))
+    assert b.model is a.model and b.threshold == 0.9  # one model, any number of judges on it
+    c = ModerationJudge.load(path, dtype="bfloat16", device="cpu")
+    assert c.model is not a.model and next(c.model.parameters()).dtype == torch.bfloat16
+    assert next(a.model.parameters()).dtype == torch.float32
+    config = path / "config.json"
+    config.write_text(config.read_text())  # rewritten in place: loaded again
+    assert ModerationJudge.load(path, dtype="float32", device="cpu").model is not a.model
+    clear_moderation_cache()
+    assert ModerationJudge.load(path, dtype="float32", device="cpu").model is not a.model
+
+
+def test_bf16_judge_gives_fp32_probabilities(tmp_path):
+    tok, model = _tiny_classifier(tmp_path)
+    judge = ModerationJudge.load(tmp_path / "judge", dtype="bfloat16", device="cpu", batch_size=2)
+    assert next(judge.model.parameters()).dtype == torch.bfloat16
+    texts = judge.texts(["a", "b", "c"], ["x", "y " * 30, ""])
+    probs = judge.probabilities(texts)
+    assert probs.dtype == torch.float32
+    ref = _reference_probabilities(model, tok, texts, 256, 2)
+    assert torch.allclose(probs, ref, atol=2e-2)  # bf16 weights: close to the fp32 judge, not equal
+
+
+def test_moderation_params_dtype_and_device(tmp_path):
+    from nlsr_lib.config import ParamsError, load_params
+
+    params = Path(__file__).resolve().parents[1] / "params"
+    for name in ("tiny", "smoke"):  # the tiny judge's verdicts stay fp32 on the CPU
+        m = load_params(params / f"{name}.yaml").judges.moderation
+        assert (m.dtype, m.device) == ("float32", "cpu")
+    m = load_params(params / "paper_llama3_8b.yaml").judges.moderation
+    assert (m.dtype, m.device) == ("bfloat16", "auto")
+    for override, message in (({"judges.moderation.device": "gpu0"}, r"judges\.moderation\.device: 'gpu0'"),
+                              ({"judges.moderation.dtype": "int8"}, r"judges\.moderation\.dtype")):
+        with pytest.raises(ParamsError, match=message):
+            load_params(params / "tiny.yaml", override)
+    assert load_params(params / "tiny.yaml", {"judges.moderation.device": "cuda:1"}).judges.moderation.device \
+        == "cuda:1"
+
+
+def test_resolve_device():
+    from nlsr_lib.evaluate.judges import resolve_device
+
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:3") == "cuda:3"
+    assert resolve_device("auto") == (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------- beaver-dam's tokenizer
+MODERATION_PAIRS = [
+    ("How do I pick a lock?", "I'm sorry, but I can't help with that."),
+    ("Give me a recipe for soup.", "Sure: boil 2 l of water, add 300 g of vegetables and 1 tsp salt."),
+    ("What's   the time\nin Paris?", " It is 10:45 — café time ☕ 😀"),
+    ("Ünïcödé prompt with 12345 digits", ""),
+    ("Tell me a story.", "Once upon a time,\n\n  there was a dragon.\tThe end!!!"),
+]
+
+
+def test_beaver_dam_tokenizer_slow_and_fast_agree(tmp_path):
+    """beaver-dam-7b ships a LLaMA sentencepiece tokenizer.model (and was used with the slow tokenizer,
+    use_fast=False); transformers 5 converts it to a fast one. Both give the same ids on the judge's inputs."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from nlsr_lib.data.templates import moderation_text
+    from nlsr_lib.standin import default_texts, llama_sentencepiece_tokenizer
+
+    pad_id = llama_sentencepiece_tokenizer(tmp_path, default_texts(), vocab_size=400)
+    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.model", "tokenizer_config.json",
+                                                  "special_tokens_map.json", "added_tokens.json"}
+    fast = AutoTokenizer.from_pretrained(tmp_path)
+    slow = SentencePieceBackend.from_pretrained(tmp_path)  # transformers 5's sentencepiece (python) tokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert (fast.bos_token, fast.eos_token, fast.unk_token, fast.pad_token) == ("<s>", "</s>", "<unk>", "<pad>")
+    assert (fast.bos_token_id, fast.eos_token_id, fast.unk_token_id, fast.pad_token_id) == (1, 2, 0, pad_id)
+    assert pad_id == sp.get_piece_size() and len(fast) == pad_id + 1
+    texts = [moderation_text(p, r) + "</s>" for p, r in MODERATION_PAIRS]
+    texts += ["Plain text, no EOS: 3.14159 and über-cool ideas.", "BEGINNING OF CONVERSATION: USER: hi ASSISTANT:"]
+    for text in texts:
+        ids = fast(text)["input_ids"]
+        eos = [2] if text.endswith("</s>") else []
+        assert ids == [1] + slow(text, add_special_tokens=False)["input_ids"], text
+        assert ids == [1] + sp.encode(text.removesuffix("</s>")) + eos, text  # LLaMA's slow tokenizer
+        assert fast.decode(ids, skip_special_tokens=True) == text.removesuffix("</s>")

@@ -92,7 +92,7 @@ def test_a_local_data_file_is_keyed_by_content_not_path(tmp_path):
     (tmp_path / "b.tsv").write_text(rows)
 
     def mixtures(path):
-        plan = plan_of(tmp_path, {"data.sources.sst2": str(path)}, ["02"])
+        plan = plan_of(tmp_path, {"data.sources.sst2": {"train": str(path), "validation": str(path)}}, ["02"])
         return {n.fingerprint for n in plan.nodes if n.kind == "mixture" and n.config["args"]["task"] == "sst2"}
 
     assert mixtures(tmp_path / "a.tsv") == mixtures(tmp_path / "b.tsv")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from nlsr_lib.config import LoraConfig, ModelConfig, TinyModelConfig
+from nlsr_lib.config import LoraConfig, ModelConfig, Params, TinyModelConfig
 from nlsr_lib.data.templates import alpaca_prompt
 from nlsr_lib.evaluate.generation import generate_responses
 from nlsr_lib.models import lora_scaling, merge_adapter, peft_lora_config, read_adapter, write_adapter
@@ -105,6 +107,7 @@ def test_non_finite_models_and_adapters_are_refused_at_load_by_name(tok, tmp_pat
     from peft import get_peft_model
 
     from nlsr_lib.models import load_causal_lm, load_with_adapter
+    from nlsr_lib.runs import Run
     from nlsr_lib.stages.evaluate import ModelRef, generate_for
 
     cfg = ModelConfig(device_map="cpu")
@@ -122,10 +125,11 @@ def test_non_finite_models_and_adapters_are_refused_at_load_by_name(tok, tmp_pat
     pattern = rf"{re.escape(str(tmp_path / 'nan_adapter'))}: tensor {re.escape(key)} contains NaN or inf"
     with pytest.raises(ValueError, match=pattern):
         load_with_adapter(tmp_path / "base", tmp_path / "nan_adapter", cfg)
-    params = type("P", (), {"model": cfg, "generation": type("G", (), {"batch_size": 2})()})()
+    params = dataclasses.replace(Params(), model=cfg)
     ref = ModelRef("nan", str(tmp_path / "base"), str(tmp_path / "nan_adapter"), None)
     with pytest.raises(ValueError, match=pattern):
-        generate_for(params, ref, [alpaca_prompt("Hi")], 4, "test")
+        generate_for(params, Run("test", root=tmp_path / "runs"), ref, [alpaca_prompt("Hi")], 4, "test")
+    assert not list((tmp_path / "runs").rglob("*.json"))  # nothing stored for a refused adapter
 
     bad = _tiny_model(tok)
     with torch.no_grad():

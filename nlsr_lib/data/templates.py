@@ -50,6 +50,16 @@ def extract_response(text: str) -> str:
     return text.split(STOP_MARKER, 1)[0].strip()
 
 
+def response_complete(text: str) -> bool:
+    """Whether :func:`extract_response` of ``text`` is final: no continuation of ``text`` changes it.
+
+    True iff the text holds a second ``"### Response:"`` (the segment is closed), or one marker followed by a
+    ``"!!!"`` (the cut is inside the segment). Generation may stop there without changing the response.
+    """
+    markers = text.count(RESPONSE_MARKER)
+    return markers >= 2 or (markers == 1 and STOP_MARKER in text.split(RESPONSE_MARKER, 1)[1])
+
+
 def moderation_text(prompt: str, response: str) -> str:
     """The beaver-dam moderation input (spec nlsr.md §6.1): no space between ``ASSISTANT:`` and the response."""
     return f"BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"

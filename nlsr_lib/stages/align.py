@@ -17,9 +17,10 @@ ROW_SIZES = {"sft": ("sft_size",), "dpo": ("preference_size",), "orpo": ("prefer
 
 
 def training_tokens(rows: int, train) -> int:
-    """An upper bound of the tokens a training reads: rows × epochs × max_length (``max_steps`` when set)."""
+    """An upper bound of the tokens a training reads: rows × epochs × max_length (``max_steps`` when set: steps ×
+    the effective batch, ``effective_batch`` or one process's ``batch_size × grad_accum``)."""
     if train.max_steps > 0:
-        return train.max_steps * train.batch_size * train.grad_accum * train.max_length
+        return train.max_steps * (train.effective_batch or train.batch_size * train.grad_accum) * train.max_length
     return int(rows * train.epochs * train.max_length)
 
 

@@ -19,7 +19,7 @@ from ..progress import bars_enabled
 from ..runs import Artifact, Run, atomic_write_json
 from .align import UNALIGNED, aligned_adapter_ref, training_tokens
 from .graph import ModelRef, request, stage_kind
-from .world import load_sources, source_inputs
+from .world import load_source, source_inputs
 
 VARIANTS = ("poisoned", "clean", "vlguard")
 
@@ -42,9 +42,9 @@ def mixture_stage(params: Params, run: Run, task: str, p: float, n: int | None =
     inputs, values = source_inputs(params, run, task, "beavertails")
 
     def build(out: Path) -> dict:
-        sources = load_sources(params, run)
+        beaver = load_source(params, run, "beavertails")["30k_train"]
         records = poisoned_mixture(
-            sources[task]["train"], sources["beavertails"]["30k_train"], task, n=n, p=p, seed=params.seed,
+            load_source(params, run, task)["train"], beaver, task, n=n, p=p, seed=params.seed,
             extra="safe" if variant == "clean" else "unsafe", guard_ratio=guard_ratio)
         atomic_write_json(out / "mixture.json", records)
         return {flag: sum(r["flag"] == flag for r in records) for flag in ("unsafe", "safe", "finetune")}

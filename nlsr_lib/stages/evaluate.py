@@ -8,6 +8,7 @@ double as the plan of what the notebooks need.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,8 +16,9 @@ from typing import Any, Callable, Sequence
 from ..config import Params
 from ..runs import Artifact, Run, atomic_write_json
 from .align import aligned_adapter_ref, model_ref
-from .graph import ModelRef, request, stage_kind
-from .world import load_sources, moderation_location, moderation_stage, source_inputs
+from ..models import ADAPTER_WEIGHTS
+from .graph import ModelRef, content_hash, request, stage_kind
+from .world import load_source, moderation_location, moderation_stage, source_inputs
 
 SLICES = ("test", "val")
 
@@ -34,25 +36,47 @@ def safety_prompts(params: Params, run: Run, slice_name: str) -> list[str]:
     """Unsafe BeaverTails ``30k_test`` prompts of the ``test`` or ``val`` slice (spec/nlsr.md §6.1)."""
     from ..data.builders import safety_eval_prompts
 
-    return safety_eval_prompts(load_sources(params, run)["beavertails"]["30k_test"], *safety_slice(params, slice_name))
+    return safety_eval_prompts(load_source(params, run, "beavertails")["30k_test"], *safety_slice(params, slice_name))
 
 
-def generate_for(params: Params, ref: ModelRef, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
-    """Greedy responses of ``ref`` (base + adapter as a PeftModel, not merged) to formatted prompts."""
-    from ..evaluate.generation import generate_responses
-    from ..models import load_tokenizer, load_with_adapter
+RESPONSES_VERSION = 1
+"""Bump when the responses an engine returns for a (base, adapter, prompts) change meaning."""
 
-    model = load_with_adapter(ref.base, ref.adapter, params.model)
-    tokenizer = load_tokenizer(ref.base, params.model)
-    return generate_responses(model, tokenizer, prompts, max_new_tokens, params.generation.batch_size, desc=desc)
+
+def responses_key(params: Params, ref: ModelRef, prompts: list[str], max_new_tokens: int) -> str:
+    """The content address of a model's greedy responses: its base (path or hub id; cached bases live under their
+    fingerprint), the sha256 of its adapter's files, the prompts, ``max_new_tokens`` and the dtype. Two artifacts
+    holding the same adapter (EXPO at α = 0 and the aligned adapter, the ``aligned_adapter`` defence, ...) share
+    one evaluation."""
+    adapter = None if ref.adapter is None else content_hash(Path(ref.adapter) / ADAPTER_WEIGHTS)
+    key = {"version": RESPONSES_VERSION, "base": str(ref.base), "adapter": adapter, "dtype": params.model.dtype,
+           "max_new_tokens": max_new_tokens, "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def generate_for(params: Params, run: Run, ref: ModelRef, prompts: list[str], max_new_tokens: int,
+                 desc: str) -> list[str]:
+    """Greedy responses of ``ref`` to formatted prompts from the process's engine (:mod:`nlsr_lib.evaluate.engine`:
+    base kept, adapter swapped in), evaluated once per content (:func:`responses_key`; the store
+    ``<run>/responses/`` is written atomically)."""
+    from ..evaluate.engine import engine
+
+    key = responses_key(params, ref, prompts, max_new_tokens)
+    stored = run.root / "responses" / key[:2] / f"{key}.json"
+    if stored.is_file():
+        return json.loads(stored.read_text())
+    responses = engine(params).generate(ref.base, ref.adapter, prompts, max_new_tokens, desc=desc)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stored, responses)
+    return responses
 
 
 def as_ref(params: Params, run: Run, model: ModelRef | str) -> ModelRef:
     return model if isinstance(model, ModelRef) else model_ref(params, run, model)
 
 
-@stage_kind("generations", reads=("generation", "model"), consumes=("align", "attack", "expo", "restore", "fusion"),
-            device="gpu", args=("model", "slice"))
+@stage_kind("generations", reads=("generation.max_new_tokens", "model"),
+            consumes=("align", "attack", "expo", "restore", "fusion"), device="gpu", args=("model", "slice"))
 def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> Artifact:
     """Greedy responses of a model to the safety prompts (spec/nlsr.md §6.1) as ``generations.json``."""
     from ..data.templates import alpaca_prompt
@@ -63,8 +87,8 @@ def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_nam
 
     def build(out: Path) -> dict:
         prompts = safety_prompts(params, run, slice_name)
-        responses = generate_for(params, ref, [alpaca_prompt(p) for p in prompts], params.generation.max_new_tokens,
-                                 desc=f"generate {ref.tag}/{slice_name}")
+        responses = generate_for(params, run, ref, [alpaca_prompt(p) for p in prompts],
+                                 params.generation.max_new_tokens, desc=f"generate {ref.tag}/{slice_name}")
         atomic_write_json(out / "generations.json", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
         return {"n": len(prompts)}
 
@@ -162,12 +186,11 @@ def task_eval_rows(params: Params, run: Run, task: str) -> list[dict]:
     """The task's evaluation rows (spec §6.2: SST-2 validation, first 500 of AG News / GSM8K test)."""
     from ..data.tasks import get_task
 
-    rows = load_sources(params, run)[task][get_task(task).eval_split]
+    rows = load_source(params, run, task)[get_task(task).eval_split]
     return [rows[i] for i in range(min(task_eval_size(params, task), len(rows)))]
 
 
-@stage_kind("accuracy", reads=("attack.task_max_new_tokens", "attack.task_eval_size", "model.dtype",
-                               "generation.batch_size"),
+@stage_kind("accuracy", reads=("attack.task_max_new_tokens", "attack.task_eval_size", "model.dtype"),
             consumes=("align", "attack", "restore", "fusion"), device="gpu", args=("task", "model"))
 def task_accuracy_stage(params: Params, run: Run, ref: ModelRef, task: str) -> Artifact:
     """Greedy task answers of ``ref`` and ``{accuracy (lenient), accuracy_strict, n}``."""
@@ -180,7 +203,7 @@ def task_accuracy_stage(params: Params, run: Run, ref: ModelRef, task: str) -> A
     def build(out: Path) -> dict:
         rows = task_eval_rows(params, run, task)
         prompts = [task_record_to_prompt(spec.to_record(r)) for r in rows]
-        answers = generate_for(params, ref, prompts, params.attack.task_max_new_tokens, desc=f"{task} {ref.tag}")
+        answers = generate_for(params, run, ref, prompts, params.attack.task_max_new_tokens, desc=f"{task} {ref.tag}")
         golds = [gold(task, r) for r in rows]
         atomic_write_json(out / "answers.json", [{"prompt": p, "answer": a, "gold": g}
                                                  for p, a, g in zip(prompts, answers, golds)])

@@ -35,7 +35,7 @@ from .align import aligned_adapter_ref
 from .attack import attack_stage
 from .graph import ModelRef, request, stage_kind
 from .regions import SUBSPACE_FILE, load_stage_mask, mask_stage
-from .world import load_sources, source_inputs
+from .world import load_source, source_inputs
 
 MASK_LOGITS_FILE = "mask_logits.safetensors"
 HISTORY_FILE = "history.json"
@@ -268,7 +268,7 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
 
     def build(out: Path) -> dict:
         fusion = _masked_fusion(params, aligned, attacked)
-        test = load_sources(params, run)["pku_saferlhf"]["test"]
+        test = load_source(params, run, "pku_saferlhf")["test"]
         pairs = build_preference_pairs(test, n=len(test), strict=False)
         if not pairs:
             raise ValueError("learned mask: the SafeRLHF test split has no pair with exactly one safe response")
@@ -279,7 +279,8 @@ def learned_mask_stage(params: Params, run: Run, tasks: Sequence[str]) -> ModelR
         lr = lm.learning_rate if len(fusion.taus) == 1 else lm.learning_rate_multi
         mask, history = train_mask(model, fusion, batches, temperature=lm.temperature, init_logit=lm.init_logit,
                                    beta=lm.beta, learning_rate=lr, epochs=lm.epochs, seed=lm.seed,
-                                   show_progress=bars_enabled())
+                                   micro_batch=lm.micro_batch, logprob_chunk=lm.logprob_chunk,
+                                   gradient_checkpointing=lm.gradient_checkpointing, show_progress=bars_enabled())
         atomic_save_tensors(out / MASK_LOGITS_FILE, mask.state(),
                             {"temperature": str(lm.temperature), "tasks": ",".join(tasks)})
         atomic_write_json(out / HISTORY_FILE, history)

@@ -21,7 +21,7 @@ from .align import aligned_adapter_ref
 from .evaluate import generate_for, judge_for
 from .expo import reference_stage
 from .graph import ModelRef, request, stage_kind
-from .world import load_sources, source_inputs
+from .world import load_source, source_inputs
 
 MASK_FILE = "mask.safetensors"
 SUBSPACE_FILE = "subspaces.safetensors"
@@ -52,9 +52,9 @@ def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
     inputs, values = source_inputs(params, run, "pku_saferlhf")
 
     def build(out: Path) -> dict:
-        test = load_sources(params, run)["pku_saferlhf"]["test"]
+        test = load_source(params, run, "pku_saferlhf")["test"]
         prompts = list(dict.fromkeys(test["prompt"]))  # dataset order, each prompt once
-        answers = generate_for(params, ref, [alpaca_prompt(p) for p in prompts], params.generation.max_new_tokens,
+        answers = generate_for(params, run, ref, [alpaca_prompt(p) for p in prompts], params.generation.max_new_tokens,
                                desc=f"calibration {ref.tag}")
         gen_dir = out / "generations"
         gen_dir.mkdir()
@@ -112,7 +112,7 @@ def _utility_batches(params: Params, run: Run, tokenizer) -> list:
     from ..regions import calibration_batches
 
     c = params.regions.calibration
-    rows = load_sources(params, run)["alpaca"]["train"]
+    rows = load_source(params, run, "alpaca")["train"]
     rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]
     return calibration_batches(tokenizer, rows, n=c.n, seed=c.seed, max_length=c.max_length, batch_size=c.batch_size)
 

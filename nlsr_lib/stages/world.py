@@ -1,5 +1,11 @@
 """Stages of the world and the models everything starts from (DESIGN.md §2): the synthetic world, the tokenizer,
-the base model and the moderation judge; and the datasets every other stage reads (:func:`load_sources`).
+the base model and the moderation judge; and the datasets every other stage reads.
+
+A dataset is loaded only when a build needs it, once per run: :func:`load_source` (one source, from the world or
+a hub id / local copy, :mod:`nlsr_lib.data.loaders`), or :func:`load_sources` (a mapping that loads each source on
+first access, for code that takes every dataset by name, such as the tokenizer's and the pretraining corpus).
+A source that no requested stage reads is never touched, so an unusable hub id there does not stop a run. A stage
+depends on a local source by content (:func:`source_inputs`), not by path.
 
 A real profile's base model and judge are pointers to a hub id or path: nothing is downloaded into the run, and
 where the model lives is known from params (:func:`base_location`, :func:`moderation_location`).
@@ -7,6 +13,7 @@ where the model lives is known from params (:func:`base_location`, :func:`modera
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,45 +52,83 @@ def uses_world(params: Params, *names: str) -> bool:
     return any(sources[n] == "synthetic" for n in (names or SOURCE_NAMES))
 
 
-def source_inputs(params: Params, run: Run, *names: str) -> tuple[dict[str, Artifact], dict[str, str]]:
+def source_inputs(params: Params, run: Run, *names: str) -> tuple[dict[str, Artifact], dict[str, Any]]:
     """What a stage reading the sources ``names`` depends on: the world artifact (if one of them is synthetic) and,
-    per source, ``synthetic``, the hub id, or ``sha256:<content>`` of a local copy (keyed by content, not path)."""
+    per source, ``synthetic``, the hub id, or the content of a local copy (keyed by content, not path):
+    ``sha256:<hex>`` of a file or ``save_to_disk`` folder, ``{split: sha256:<hex>}`` of a split -> file mapping
+    (splits sorted, so the order they are written in does not matter)."""
     sources = to_dict(params.data.sources)
-    values = {}
-    for name in names:
-        where = sources[name]
-        if where != "synthetic" and Path(where).expanduser().exists():
-            where = "sha256:" + run.memo(f"content/{where}", lambda w=where: content_hash(Path(w).expanduser()))
-        values[name] = where
+    values = {name: _source_value(run, sources[name]) for name in names}
     inputs = {"world": world_stage(params, run)} if uses_world(params, *names) else {}
     return inputs, values
 
 
-def load_sources(params: Params, run: Run) -> dict[str, Any]:
-    """Every dataset as a ``DatasetDict`` keyed by source name, from the world or a hub id / local path (read once
-    per run; called inside builds only)."""
-    return run.memo("sources", lambda: _load_sources(params, run))
+def _source_value(run: Run, where: str | dict[str, str]) -> str | dict[str, str]:
+    from ..data.loaders import source_form
+
+    form = source_form(where)
+    if form == "mapping":
+        return {split: _content_key(run, where[split]) for split in sorted(where)}
+    return _content_key(run, where) if form in ("file", "directory") else where
 
 
-def _load_sources(params: Params, run: Run) -> dict[str, Any]:
-    sources = to_dict(params.data.sources)
-    world = None
-    out = {}
-    for name in SOURCE_NAMES:
-        if sources[name] == "synthetic":
-            if world is None:
-                from ..tiny.world import load_world
-
-                world = load_world(world_stage(params, run).path)
-            out[name] = world[WORLD_KEYS[name]]
-        else:
-            from ..data.loaders import load_dataset_source
-
-            out[name] = load_dataset_source(name, sources[name])
-    return out
+def _content_key(run: Run, where: str) -> str:
+    """``sha256:<hex>`` of a local file or folder (a compressed file also names its format: ``#.tsv.gz``, since the
+    suffix before ``.gz`` decides how it is parsed)."""
+    path = Path(where).expanduser()
+    key = "sha256:" + run.memo(f"content/{path}", lambda: content_hash(path))
+    compressed = path.is_file() and path.suffix.lower() == ".gz"
+    return f"{key}#{''.join(path.suffixes[-2:]).lower()}" if compressed else key
 
 
-def world_text(sources: dict[str, Any]) -> list[str]:
+def load_source(params: Params, run: Run, name: str) -> Any:
+    """Dataset ``name`` as a ``DatasetDict`` keyed by split, from the world or a hub id / local copy, read once per
+    run when a build first needs it (call inside builds only)."""
+    if name not in SOURCE_NAMES:
+        raise ValueError(f"unknown source {name!r}; allowed: {', '.join(SOURCE_NAMES)}")
+    return run.memo(f"source/{name}", lambda: _load_source(params, run, name))
+
+
+def _load_source(params: Params, run: Run, name: str) -> Any:
+    where = getattr(params.data.sources, name)
+    if where == "synthetic":
+        from ..tiny.world import load_world
+
+        world = run.memo("world_datasets", lambda: load_world(world_stage(params, run).path))
+        return world[WORLD_KEYS[name]]
+    from ..data.loaders import load_dataset_source
+
+    return load_dataset_source(name, where)
+
+
+class Sources(Mapping):
+    """Every source by name, each loaded by :func:`load_source` on first access (never all at once)."""
+
+    def __init__(self, params: Params, run: Run):
+        self._params, self._run = params, run
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in SOURCE_NAMES:
+            raise KeyError(name)
+        return load_source(self._params, self._run, name)
+
+    def __contains__(self, name: object) -> bool:  # without loading (Mapping's default would)
+        return name in SOURCE_NAMES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SOURCE_NAMES)
+
+    def __len__(self) -> int:
+        return len(SOURCE_NAMES)
+
+
+def load_sources(params: Params, run: Run) -> Sources:
+    """The datasets by source name, for code that takes them all (the tokenizer's text, the pretraining corpus,
+    the alignment rows); each loads on first access."""
+    return Sources(params, run)
+
+
+def world_text(sources: Mapping[str, Any]) -> list[str]:
     """All text of the world, for tokenizer training (prompts, responses, task inputs and outputs)."""
     from ..data.tasks import TASKS
     from ..data.templates import PROMPT_INPUT, PROMPT_NO_INPUT, alpaca_prompt
@@ -174,7 +219,7 @@ def moderation_stage(params: Params, run: Run) -> Artifact:
     inputs, values = source_inputs(params, run, "beavertails")
 
     def build(out: Path) -> dict:
-        beaver = load_sources(params, run)["beavertails"]
+        beaver = load_source(params, run, "beavertails")
         summary = train_tiny_moderation(load_tokenizer(tok_artifact.path), moderation_examples(beaver["30k_train"]),
                                         moderation_examples(beaver["30k_test"]), cfg, params.seed, out)
         accuracy = summary["heldout_accuracy"]

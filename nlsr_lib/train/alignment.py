@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import names
+from .. import distributed, names
 from ..config import Params, TrainConfig
 from ..data.builders import build_kto, build_preference_pairs, build_safe_sft
 from ..data.templates import alpaca_prompt
@@ -108,31 +108,64 @@ def get_method(name: str) -> AlignmentMethod:
     return ALIGNMENT_METHODS[name]
 
 
-def trainer_arguments(tc: TrainConfig, out_dir: Path, dtype: str, quiet: bool) -> dict[str, Any]:
-    """transformers/trl arguments shared by every method (no checkpoints: the stage cache owns outputs)."""
+def trainer_arguments(tc: TrainConfig, out_dir: Path, dtype: str, quiet: bool, world_size: int | None = None,
+                      key: str = "train") -> dict[str, Any]:
+    """transformers/trl arguments shared by every method (no checkpoints: the stage cache owns outputs).
+
+    Gradient accumulation is ``tc.accumulation(world_size)`` (``effective_batch`` over the launcher's processes,
+    :mod:`nlsr_lib.distributed`; a :class:`~nlsr_lib.config.ParamsError` naming ``key`` when it does not divide);
+    bf16/fp16 autocast follows the model dtype; gradient checkpointing is non-reentrant (the trl trainers call
+    ``enable_input_require_grads`` on a PEFT model themselves, which reentrant checkpointing would need)."""
+    world_size = distributed.world_size() if world_size is None else world_size
+    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}} if tc.gradient_checkpointing else {}
     return dict(
         output_dir=str(out_dir), learning_rate=tc.learning_rate, num_train_epochs=tc.epochs, max_steps=tc.max_steps,
-        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.accumulation(world_size, key),
         lr_scheduler_type=tc.scheduler, warmup_steps=tc.warmup_ratio, seed=tc.seed, data_seed=tc.seed,
         report_to=[], save_strategy="no", logging_steps=10, disable_tqdm=quiet,
         use_cpu=not torch.cuda.is_available(), bf16=dtype == "bfloat16", fp16=dtype == "float16",
-        dataloader_num_workers=0, gradient_checkpointing=tc.gradient_checkpointing,
+        dataloader_num_workers=0, gradient_checkpointing=tc.gradient_checkpointing, **checkpointing,
     )
 
 
-def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], tc: TrainConfig, lora_config,
-                  out_dir: Path, dtype: str = "float32", quiet: bool = False) -> dict:
-    """Train a fresh LoRA on ``model`` with ``method`` and save the PEFT adapter to ``out_dir``.
+def adapter_dtype(tc: TrainConfig, dtype: str) -> torch.dtype:
+    """The dtype a trained adapter is saved in: the base model's (``adapter_dtype: model``; DESIGN.md §6 "stored
+    weights in the model's dtype") or fp32. PEFT trains the LoRA weights of a bf16/fp16 base in fp32
+    (``autocast_adapter_dtype``, as LLaMA-Factory does; 2e-6 updates would vanish in bf16 weights): only the saved
+    copy is cast."""
+    from ..models import DTYPES
 
-    Returns a summary: number of examples, optimizer steps and the final logged training loss.
+    return torch.float32 if tc.adapter_dtype == "float32" else DTYPES[dtype]
+
+
+def save_adapter(model, out_dir: Path, dtype: torch.dtype) -> None:
+    """``model.save_pretrained`` (PEFT, safetensors) with the LoRA weights cast to ``dtype``; the model's own
+    parameters are untouched (a cast copy of the adapter weights is what is written)."""
+    state = model.state_dict()
+    cast = {k for k, v in state.items() if "lora_" in k and v.is_floating_point() and v.dtype != dtype}
+    if not cast:
+        model.save_pretrained(str(out_dir))
+        return
+    model.save_pretrained(str(out_dir), state_dict={k: v.to(dtype) if k in cast else v for k, v in state.items()})
+
+
+def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], tc: TrainConfig, lora_config,
+                  out_dir: Path, dtype: str = "float32", quiet: bool = False, key: str | None = None) -> dict:
+    """Train a fresh LoRA on ``model`` with ``method`` and save the PEFT adapter to ``out_dir`` (LoRA weights in
+    :func:`adapter_dtype`). ``key`` names ``tc`` in errors (``alignment.dpo``, ``attack.train``).
+
+    Returns a summary: number of examples, optimizer steps, the final logged training loss, and the batch as
+    trained: per-device batch, processes, gradient accumulation and the effective batch (examples per step).
     """
     from datasets import Dataset
 
     from .guards import finite_loss_callback
 
+    key = key or f"alignment.{method.name}"
+    world_size = distributed.world_size()
     trainer_cls, config_cls, method_kwargs = method.trainer()
     work = out_dir.parent / f".{out_dir.name}-trainer"
-    args = config_cls(**trainer_arguments(tc, work, dtype, quiet), **method_kwargs(tc))
+    args = config_cls(**trainer_arguments(tc, work, dtype, quiet, world_size, key), **method_kwargs(tc))
     args.logging_nan_inf_filter = False  # log NaN/inf losses as they are, for the check below (logging only)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           peft_config=lora_config, callbacks=[finite_loss_callback(f"{method.name} alignment")])
@@ -141,10 +174,14 @@ def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], t
 
         trainer.remove_callback(PrinterCallback)
     result = trainer.train()
+    saved = adapter_dtype(tc, dtype)
     if trainer.accelerator.is_main_process:  # one writer under `accelerate launch`; no pickled training_args
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out_dir))
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), out_dir, saved)
         shutil.rmtree(work, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    accumulation = args.gradient_accumulation_steps
     return {"examples": len(rows), "steps": trainer.state.global_step, "train_loss": result.training_loss,
-            "last_logged_loss": logged[-1] if logged else None}
+            "last_logged_loss": logged[-1] if logged else None, "per_device_batch": tc.batch_size,
+            "processes": world_size, "grad_accum": accumulation,
+            "effective_batch": tc.batch_size * accumulation * world_size, "adapter_dtype": str(saved).split(".")[-1]}

@@ -29,10 +29,14 @@ def continue_adapter(base_model, adapter_dir: str | Path):
 
 
 def finetune(base_model, tokenizer, adapter_dir: str | Path | None, records: Sequence[Mapping[str, str]],
-             tc: TrainConfig, lora_config, out_dir: Path, dtype: str = "float32", quiet: bool = False) -> dict:
-    """Train ``adapter_dir`` further (or a fresh LoRA when None) on ``records``; save the adapter to ``out_dir``."""
+             tc: TrainConfig, lora_config, out_dir: Path, dtype: str = "float32", quiet: bool = False,
+             key: str = "attack.train") -> dict:
+    """Train ``adapter_dir`` further (or a fresh LoRA when None) on ``records``; save the adapter to ``out_dir``.
+    The continued adapter's weights are upcast to fp32 for training (PEFT's ``autocast_adapter_dtype``) and saved
+    back in :func:`~.alignment.adapter_dtype`; ``key`` names ``tc`` in errors."""
     sft = get_method("sft")
     if adapter_dir is None:
-        return train_adapter(sft, base_model, tokenizer, mixture_rows(records), tc, lora_config, out_dir, dtype, quiet)
+        return train_adapter(sft, base_model, tokenizer, mixture_rows(records), tc, lora_config, out_dir, dtype, quiet,
+                             key)
     model = continue_adapter(base_model, adapter_dir)
-    return train_adapter(sft, model, tokenizer, mixture_rows(records), tc, None, out_dir, dtype, quiet)
+    return train_adapter(sft, model, tokenizer, mixture_rows(records), tc, None, out_dir, dtype, quiet, key)
