@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup reproduce test test-slow lab lint sync-notebooks clean-runs bench
+STANDIN := runs/standin/assets
+
+.PHONY: setup reproduce standin test test-slow lab lint sync-notebooks clean-runs bench
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +21,10 @@ setup: $(STAMP)  ## create .venv from the exact pins in requirements.txt
 
 reproduce: $(STAMP)  ## run every notebook on the embedded default (PARAMS=... for another profile)
 	$(VENV)/bin/nlsr reproduce --params $(PARAMS)
+
+standin: $(STAMP)  ## the paper's profile on real-format stand-ins (random weights, CPU, no download; needs ../shared/data)
+	test -f $(STANDIN)/standin.json || $(VENV)/bin/nlsr standin build $(STANDIN)
+	$(VENV)/bin/nlsr reproduce --params params/standin.yaml
 
 test: $(STAMP)  ## unit, property and notebook smoke tests (≤ 15 min on 2 cores)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -8,8 +8,10 @@
 * ``nlsr cache ls|gc --params FILE`` lists the profile's cached artifacts / removes what killed builds left.
 * ``nlsr bench NAME [ARGS...]`` runs one benchmark of ``benchmarks/NAME.py`` (its ``main(argv)``); the
   benchmark prints one JSON object as its last line. ``nlsr bench all`` runs every one in turn.
-* ``nlsr standin build OUT_DIR [--corpus FILE]`` writes real-format stand-ins of the paper's base model and judge
-  (random weights, toy size, no download) to ``OUT_DIR/base`` and ``OUT_DIR/moderation`` (:mod:`nlsr_lib.standin`).
+* ``nlsr standin build OUT_DIR [--data DIR] [--corpus FILE]`` writes what ``params/standin.yaml`` needs beyond public
+  data (:func:`nlsr_lib.standin.build_profile_assets`): real-format stand-ins of the paper's base model and judge
+  (random weights, toy size, no download) in ``OUT_DIR/base`` and ``OUT_DIR/moderation``, and the synthetic world's
+  BeaverTails and Alpaca in the hub schema in ``OUT_DIR/data``; ``make standin`` builds ``runs/standin/assets``.
 
 A params path typed here is looked up in the current directory first, then relative to the repository root
 (nlsr_lib.config.resolve_params_path).
@@ -118,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--params", default="params/tiny.yaml")
     pl.add_argument("--only", help="plan only this notebook number: 01 ... 07")
     pl.add_argument("--json", action="store_true", help="one JSON object: totals, per kind, and every stage")
+    pl.add_argument("--gpu-hours", action="store_true", help="estimate the GPU-hours of the stages not cached")
+    pl.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend of the estimate")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs of the estimate's wall time")
 
     ru = sub.add_parser("run", help="build every stage the notebooks need, independent stages in parallel (Ray)")
     ru.add_argument("--params", default="params/tiny.yaml")
@@ -142,12 +147,17 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("name", help="benchmark name (a file of benchmarks/), or 'all'")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
 
-    sd = sub.add_parser("standin", help="'nlsr standin build OUT_DIR' writes real-format stand-ins of the paper's "
-                                        "models (random weights, no download): OUT_DIR/base, OUT_DIR/moderation")
+    sd = sub.add_parser("standin", help="'nlsr standin build OUT_DIR' writes the assets of params/standin.yaml: "
+                                        "real-format stand-ins of the paper's models (random weights, no download) "
+                                        "in OUT_DIR/base and OUT_DIR/moderation, the world's BeaverTails and Alpaca "
+                                        "in OUT_DIR/data (make standin: runs/standin/assets)")
     sd.add_argument("action", choices=("build",))
-    sd.add_argument("out_dir")
-    sd.add_argument("--corpus", help="a UTF-8 text file, one text per line, to train the tokenizers on "
-                                     "(default: a small built-in corpus)")
+    sd.add_argument("out_dir", help="replaced as a whole: absent, empty or an earlier stand-in build")
+    sd.add_argument("--data", help="the public data folder whose SST-2, AG News, GSM8K and PKU-SafeRLHF files the "
+                                   "profile reads, to train the tokenizers on (default: ../shared/data beside the "
+                                   "repository when there is one)")
+    sd.add_argument("--corpus", help="a UTF-8 text file, one text per line, to train the tokenizers on instead "
+                                     "(default: the world's texts and the public data's)")
     sd.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -194,10 +204,14 @@ def _dispatch(args: argparse.Namespace, state: dict) -> int:
     if args.command == "cache":
         return _cache(args)
     if args.command == "standin":
-        from .standin import build_standins, read_corpus
+        from .standin import build_profile_assets, default_data_dir, read_corpus
 
         texts = read_corpus(cli_path(args.corpus)) if args.corpus else None
-        for name, path in build_standins(Path(args.out_dir), texts, seed=args.seed).items():
+        data = Path(args.data).expanduser() if args.data else default_data_dir()
+        if data is None and texts is None:
+            print("[nlsr] note: no public data folder (../shared/data) beside the repository: the tokenizers are "
+                  "trained on the world's texts only", file=sys.stderr)
+        for name, path in build_profile_assets(Path(args.out_dir), data, texts, seed=args.seed).items():
             print(f"[nlsr] {name}: {path}")
         return 0
     if args.command == "plan":
@@ -259,7 +273,8 @@ def _stage_run(args: argparse.Namespace, state: dict) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    """``nlsr plan``: the table of stage kinds with their counts, or (``--json``) one JSON object."""
+    """``nlsr plan``: the table of stage kinds with their counts, or (``--json``) one JSON object; with
+    ``--gpu-hours`` the estimate of :mod:`nlsr_lib.stages.estimate` instead."""
     import json
 
     from .reproduce import NUMBERS, notebooks
@@ -267,6 +282,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     notebooks(args.only)
     plan = collect(load_params(cli_path(args.params)), [args.only] if args.only else NUMBERS)
+    if args.gpu_hours:
+        from .stages.estimate import gpu_hours, report
+
+        estimate = gpu_hours(plan, args.backend, args.gpus)
+        print(json.dumps(estimate) if args.json else report(estimate))
+        return 0
     print(json.dumps(to_json(plan)) if args.json else table(plan))
     return 0
 

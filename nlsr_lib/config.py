@@ -12,7 +12,8 @@ unknown device, ``fusion.method`` / ``ablation.method`` not trained by ``alignme
 architecture is known on this machine: :func:`model_module_names`), and local data sources that are missing, lack
 a split or lack the dataset's columns (:func:`_check_sources`, from headers only). Where a relative params path
 points is decided by :func:`resolve_params_path`; a relative data-source path is relative to the params file that
-declares it (:class:`SourcesConfig`, :func:`_resolve_sources`).
+declares it (:class:`SourcesConfig`, :func:`_resolve_sources`), and so is a model given as a relative path
+(``model.name``, ``judges.moderation.model``: :func:`_resolve_model_paths`).
 
 Every field's metadata may carry ``range=(lo, hi)`` (inclusive; ``None`` = unbounded), ``open_hi=True`` (hi
 excluded) or ``choices=``: a tuple, or a registry family (:mod:`nlsr_lib.names`, or a light module's
@@ -145,7 +146,8 @@ class TinyModelConfig:
 class ModelConfig:
     """The base model: ``tiny`` (built and pretrained here) or a hub id / local path."""
 
-    name: str = _f("tiny")
+    name: str = _f("tiny", doc="'tiny', a hub id or a local folder (./x or ../x: relative to the params file that "
+                                "declares it)")
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
     device_map: str = _f("auto", doc="'auto' (every GPU, or the CPU if there is none), 'cpu', 'cuda', 'cuda:N', 'mps', "
                                      "or a transformers strategy: 'balanced', 'balanced_low_0', 'sequential'")
@@ -271,6 +273,9 @@ class RegionCalibrationConfig:
     """Calibration set of the region scorers (spec/nlsr.md §2.5): n rows sampled with the seed."""
 
     n: int = _f(2000, range=(1, None), doc="rows sampled (all rows if fewer)")
+    prompts: int = _f(-1, range=(-1, None), doc="distinct SafeRLHF test prompts the reference answers, the first k in "
+                                                "dataset order (the pool the n rows are sampled from); -1: every one "
+                                                "(the paper)")
     seed: int = _f(42)
     max_length: int = _f(1024, range=(8, None), doc="prompt + response + EOS tokens, cut at the end")
     batch_size: int = _f(8, range=(1, None), doc="forward batch; gradient scorers still use one sample at a time")
@@ -460,7 +465,8 @@ class GenerationConfig:
 class ModerationConfig:
     """The moderation judge (spec/nlsr.md §6.1): beaver-dam-7b, or the tiny classifier trained on the world."""
 
-    model: str = _f("tiny", doc="'tiny' or a hub id / local path of a beaver-dam-style classifier")
+    model: str = _f("tiny", doc="'tiny' or a hub id / local folder of a beaver-dam-style classifier (./x or ../x: "
+                                "relative to the params file that declares it)")
     threshold: float = _f(0.5, range=(0.0, 1.0))
     max_length: int = _f(256, range=(8, None))
     batch_size: int = _f(16, range=(1, None), doc="texts per forward pass (sorted by length, so padding is small)")
@@ -578,6 +584,8 @@ def _check_slices(p: Params) -> None:
         raise ParamsError("data.safety_val_start must be < data.safety_val_end")
     if d.safety_val_start < d.safety_test_end and d.safety_test_start < d.safety_val_end:
         raise ParamsError("data.safety_val_* and data.safety_test_* slices overlap; they must be disjoint")
+    if p.regions.calibration.prompts == 0:
+        raise ParamsError("regions.calibration.prompts: 0 answers no prompt; use -1 (every prompt) or a count >= 1")
     t = p.model.tiny
     if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
         raise ParamsError("model.tiny: hidden_size must be divisible by num_attention_heads, and heads by kv heads")
@@ -891,7 +899,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping")
     parent = raw.pop("extends", None)
-    raw = _resolve_sources(raw, path.parent, f"relative to {path.parent}, the folder of {path.name}, which declares it")
+    raw = _resolve_paths(raw, path.parent, f"relative to {path.parent}, the folder of {path.name}, which declares it")
     if parent is None:
         return raw
     if not isinstance(parent, str) or not parent:
@@ -912,6 +920,37 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 CWD_ORIGIN = "no params file declares it, so relative to the current directory"
 
 
+MODEL_PATH_KEYS = (("model", "name"), ("judges", "moderation", "model"))
+"""Params fields that name a model: a hub id, ``tiny``, or a local folder (:func:`_resolve_model_paths`)."""
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path, origin: str) -> dict[str, Any]:
+    """``raw`` with its data sources' and models' local paths made absolute against ``base``."""
+    return _resolve_model_paths(_resolve_sources(raw, base, origin), base, origin)
+
+
+def _resolve_model_paths(raw: dict[str, Any], base: Path, origin: str) -> dict[str, Any]:
+    """``raw`` with ``model.name`` and ``judges.moderation.model`` made absolute where they are relative paths
+    (``./x``, ``../x``), against ``base`` (the folder of the params file that declares them), like data sources;
+    a relative path that does not exist there is a :class:`ParamsError` naming where it was looked for (unless a
+    file that extends this one re-points it: :class:`_MissingPath`). Hub ids, ``tiny`` and absolute paths are kept
+    as written (an absolute path is checked when the model is loaded)."""
+    for keys in MODEL_PATH_KEYS:
+        parents, node = [], raw
+        for k in keys[:-1]:
+            parents.append(node)
+            node = node.get(k) if isinstance(node, Mapping) else None
+        value = node.get(keys[-1]) if isinstance(node, Mapping) else None
+        if not isinstance(value, str) or not value.startswith(("./", "../")):
+            continue
+        resolved = _resolve_path(".".join(keys), value, base, origin, hub=False, what="local model folder")
+        node = {**node, keys[-1]: resolved}
+        for parent, k in zip(reversed(parents), reversed(keys[:-1])):
+            node = {**parent, k: node}
+        raw = node
+    return raw
+
+
 def _resolve_sources(raw: dict[str, Any], base: Path, origin: str) -> dict[str, Any]:
     """``raw`` with the local paths among its ``data.sources`` values made absolute (relative ones against
     ``base``): see :class:`SourcesConfig` for the rule. ``origin`` says, in errors, where ``base`` comes from."""
@@ -929,9 +968,11 @@ def _resolve_source(key: str, value: Any, base: Path, origin: str) -> Any:
     return _resolve_path(key, value, base, origin, hub=True)
 
 
-def _resolve_path(key: str, value: Any, base: Path, origin: str, hub: bool) -> Any:
+def _resolve_path(key: str, value: Any, base: Path, origin: str, hub: bool, what: str = "") -> Any:
     """An existing path -> its absolute form; a hub id (``hub``: not inside a split mapping) or ``synthetic`` ->
-    unchanged; a path-like value that does not exist -> ParamsError with the path as written and as resolved."""
+    unchanged; a path-like value that does not exist -> a :class:`_MissingPath` whose error (raised if no file
+    down the ``extends:`` chain re-points it) names the path as written and as resolved (and, for a stand-in
+    asset, the command that builds it: :func:`nlsr_lib.standin.asset_hint`)."""
     from .data.loaders import SYNTHETIC, looks_local
 
     if not isinstance(value, str) or not value or (hub and value == SYNTHETIC):
@@ -942,17 +983,48 @@ def _resolve_path(key: str, value: Any, base: Path, origin: str, hub: bool) -> A
         return str(full)
     if hub and not looks_local(value):
         return value
-    notes = [n for n, on in (("a split of a mapping names a local file", not hub), (origin, not path.is_absolute()))
-             if on]
-    raise ParamsError(f"{key}: local path {value!r} does not exist: looked for {full}"
-                      + (f" ({'; '.join(notes)})" if notes else ""))
+    from .standin import asset_hint
+
+    notes = [n for n, on in (("a split of a mapping names a local file", not hub and not what),
+                             (origin, not path.is_absolute())) if on]
+    hint = asset_hint(full)
+    return _MissingPath(full, f"{key}: {what or 'local path'} {value!r} does not exist: looked for {full}"
+                        + (f" ({'; '.join(notes)})" if notes else "") + (f"; {hint}" if hint else ""))
+
+
+class _MissingPath(str):
+    """A local path (absolute) that does not exist, with the error naming it as written and where it was looked
+    for. A file's paths are resolved when it is read, but a file that ``extends:`` it may re-point them, so the
+    error is raised only if the path is still there once the chain is merged (:func:`_raise_missing_paths`)."""
+
+    def __new__(cls, path: Path, error: str) -> "_MissingPath":
+        obj = super().__new__(cls, str(path))
+        obj.error = error
+        return obj
+
+
+def _raise_missing_paths(raw: Mapping[str, Any]) -> None:
+    """Raise the :class:`ParamsError` of the first local path of the merged params that does not exist."""
+    data = raw.get("data")
+    sources = data.get("sources") if isinstance(data, Mapping) else None
+    values: list[Any] = []
+    for value in (sources.values() if isinstance(sources, Mapping) else ()):
+        values += list(value.values()) if isinstance(value, Mapping) else [value]
+    for keys in MODEL_PATH_KEYS:
+        node: Any = raw
+        for k in keys:
+            node = node.get(k) if isinstance(node, Mapping) else None
+        values.append(node)
+    for value in values:
+        if isinstance(value, _MissingPath):
+            raise ParamsError(value.error)
 
 
 def _resolve_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted overrides whose data sources are resolved against the current directory (where a command is typed)."""
     out = {}
     for dotted, value in overrides.items():
-        node: Any = _resolve_sources(_apply_overrides({}, {dotted: value}), Path.cwd(), CWD_ORIGIN)
+        node: Any = _resolve_paths(_apply_overrides({}, {dotted: value}), Path.cwd(), CWD_ORIGIN)
         for part in dotted.split("."):
             node = node[part]
         out[dotted] = node
@@ -1005,6 +1077,7 @@ def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ParamsError(f"params file not found: {path} (looked for {resolved}; a relative path is relative to "
                           f"the repository root {PROJECT_ROOT})")
     raw = _apply_overrides(_read_yaml(resolved), _resolve_overrides(overrides or {}))
+    _raise_missing_paths(raw)
     params = _build(Params, raw)
     for check in _CROSS_CHECKS:
         check(params)
@@ -1014,7 +1087,9 @@ def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 def params_from_dict(raw: Mapping[str, Any]) -> Params:
     """Validate an already-merged mapping (used by tests and by manifests); relative data-source paths are
     relative to the current directory (there is no params file to be relative to)."""
-    params = _build(Params, _resolve_sources(dict(raw), Path.cwd(), CWD_ORIGIN))
+    raw = _resolve_paths(dict(raw), Path.cwd(), CWD_ORIGIN)
+    _raise_missing_paths(raw)
+    params = _build(Params, raw)
     for check in _CROSS_CHECKS:
         check(params)
     return params

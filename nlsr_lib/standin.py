@@ -15,11 +15,16 @@ token, a sentencepiece judge, ...) runs end to end:
   beaver-dam's LLaMA-1 tokenizer layout: a sentencepiece BPE ``tokenizer.model`` (byte fallback, digits split,
   ``<unk>``/``<s>``/``</s>`` = 0/1/2), a ``LlamaTokenizer`` ``tokenizer_config.json`` and a ``<pad>`` token added
   after the sentencepiece vocabulary (``added_tokens.json``), which the config names as ``pad_token_id``
-  (PKU-Alignment's training code adds ``<pad>`` to LLaMA's tokenizer this way).
+  (PKU-Alignment's training code adds ``<pad>`` to LLaMA's tokenizer this way). Its random head is centred on
+  texts it will judge, so its verdicts vary (:func:`_random_judge_head`).
 
 Both are deterministic given ``seed`` and the texts (the same bytes twice, on one machine and library versions)
-and written atomically: built in a temporary sibling directory, renamed into place at the end. ``nlsr standin
-build OUT_DIR [--corpus FILE]`` builds both into ``OUT_DIR/base`` and ``OUT_DIR/moderation``.
+and written atomically: built in a temporary sibling directory, renamed into place at the end.
+
+``params/standin.yaml`` runs the paper's profile on them: ``nlsr standin build OUT_DIR [--data DIR] [--corpus
+FILE]`` (:func:`build_profile_assets`; ``make standin``: ``runs/standin/assets``) builds both into ``OUT_DIR/base``
+and ``OUT_DIR/moderation``, with tokenizers trained on the texts the profile reads, and exports the synthetic
+world's BeaverTails and Alpaca in the hub schema into ``OUT_DIR/data`` (there is no local copy of either).
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .data.schemas import HARM_CATEGORIES
 from .data.templates import alpaca_prompt, moderation_text
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -246,14 +250,65 @@ def llama_sentencepiece_tokenizer(out_dir: str | Path, texts: Sequence[str], voc
     return pad_id
 
 
+def default_judged() -> list[tuple[str, str]]:
+    """(prompt, response) pairs of the built-in corpus, for :func:`build_moderation`'s head."""
+    return [(q, a) for q in _QUESTIONS for a in _ANSWERS]
+
+
+def _random_judge_head(model, tokenizer, judged: Sequence[tuple[str, str]], seed: int, scale: float = 2.0,
+                       label_noise: float = 0.25) -> None:
+    """Give the random classifier's score head (``[14, hidden]``, no bias, as LLaMA's) verdicts that vary: the
+    pooled state of every text is dominated by one shared vector ``m`` (the input ends with EOS, and random
+    attention mixes little context in), so a random head flags all texts or none, and the paper's judge filter
+    of the calibration set keeps nothing. The head becomes one random direction plus small per-label noise, made
+    orthogonal to ``m`` and scaled so its logits over ``judged`` (moderation inputs, judged as
+    :class:`~nlsr_lib.evaluate.judges.ModerationJudge` does) spread with std ``scale``, plus an offset along ``m``
+    (which acts as the missing bias, ``m·h`` being nearly constant) that flags half of ``judged``. Verdicts are
+    still a random function of the text: they mean nothing."""
+    import torch
+
+    from .evaluate.judges import ModerationJudge
+
+    judge = ModerationJudge(model, tokenizer, batch_size=16)
+    captured: list = []
+    hook = model.score.register_forward_hook(lambda module, args, out: captured.append(args[0].float()))
+    texts = judge.texts([p for p, _ in judged], [r for _, r in judged])
+    pooled = torch.empty(len(texts), model.config.hidden_size)
+    try:
+        with torch.inference_mode():
+            for idx, enc in judge.batches(texts):
+                captured.clear()
+                model(**enc)
+                last = enc["attention_mask"].sum(1) - 1
+                pooled[idx] = captured[0][torch.arange(len(idx)), last]
+    finally:
+        hook.remove()
+    m = pooled.mean(0)
+    unit = m / m.norm()
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(model.config.hidden_size, generator=gen) + label_noise * torch.randn(
+        model.score.weight.shape, generator=gen)
+    weight = weight - (weight @ unit)[:, None] * unit
+    centred = (pooled - m) @ weight.T
+    weight = weight * (scale / centred.std().clamp_min(1e-6))
+    offset = -float(torch.quantile(((pooled - m) @ weight.T).max(dim=1).values, 0.5))
+    weight = weight + offset * m / (m @ m)
+    with torch.no_grad():
+        model.score.weight.copy_(weight.to(model.score.weight.dtype))
+
+
 def build_moderation(out_dir: str | Path, texts: Sequence[str] | None = None, *, seed: int = 0,
                      vocab_size: int = 512, hidden_size: int = 64, num_hidden_layers: int = 2,
                      num_attention_heads: int = 4, intermediate_size: int = 128,
-                     max_position_embeddings: int = 2048) -> Path:
+                     max_position_embeddings: int = 2048,
+                     judged: Sequence[tuple[str, str]] | None = None) -> Path:
     """A random 14-label judge in beaver-dam-7b's format (bf16, sentencepiece tokenizer with ``<pad>``) in
-    ``out_dir``; ``texts`` train the tokenizer (default: :func:`default_texts`)."""
+    ``out_dir``; ``texts`` train the tokenizer (default: :func:`default_texts`). Its head flags about half of the
+    ``judged`` (prompt, response) pairs (default: :func:`default_judged`; :func:`_random_judge_head`)."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from .data.schemas import HARM_CATEGORIES
 
     texts = default_texts(seed) if texts is None else texts
     with _atomic_dir(out_dir) as tmp:
@@ -271,6 +326,8 @@ def build_moderation(out_dir: str | Path, texts: Sequence[str] | None = None, *,
             model = LlamaForSequenceClassification(config)
         model = model.to(torch.bfloat16)
         model.config.dtype = torch.bfloat16
+        _random_judge_head(model, AutoTokenizer.from_pretrained(str(tmp)),
+                           default_judged() if judged is None else judged, seed)
         model.save_pretrained(str(tmp), safe_serialization=True)
     return Path(out_dir).expanduser()
 
@@ -280,6 +337,177 @@ def build_standins(out_dir: str | Path, texts: Sequence[str] | None = None, *, s
     out_dir = Path(out_dir)
     return {"base": build_base(out_dir / "base", texts, seed=seed),
             "moderation": build_moderation(out_dir / "moderation", texts, seed=seed)}
+
+
+# --------------------------------------------------------------------------------------------- the stand-in profile
+# ``params/standin.yaml`` runs the paper's profile (paper_llama3_8b.yaml) on these stand-ins: ``nlsr standin build
+# OUT_DIR`` (:func:`build_profile_assets`) writes everything it reads that is not public data into OUT_DIR.
+MANIFEST = "standin.json"
+"""Written last by :func:`build_profile_assets`: a folder holding it is a complete stand-in build."""
+DEFAULT_ASSETS = "runs/standin/assets"
+"""Where ``make standin`` builds the assets (relative to the repository root; params/standin.yaml points there)."""
+WORLD_EXPORTS: dict[str, dict[str, str]] = {
+    "beavertails": {"30k_train": "data/beavertails/30k_train.jsonl", "30k_test": "data/beavertails/30k_test.jsonl"},
+    "alpaca": {"train": "data/alpaca/train.jsonl"},
+}
+"""The synthetic world's datasets exported in the hub schema (there is no local BeaverTails 30k or Alpaca copy):
+dataset -> split -> file under OUT_DIR, as params/standin.yaml declares them."""
+REAL_DATA: dict[str, dict[str, str]] = {
+    "sst2": {"train": "sst2/train.tsv", "validation": "sst2/test.tsv"},  # test.tsv = GLUE dev = the hub validation
+    "ag_news": {"train": "ag_news/dev.tsv", "test": "ag_news/test.tsv"},  # dev.tsv: 10,001 rows of the train split
+    "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+    "pku_saferlhf": {"train": "pku_saferlhf_dpo_5k/pku_seferlhf_realign_dpo_5k.json",
+                     "test": "pku_saferlhf_dpo_5k/pku_seferlhf_realign_dpo_5k.json"},
+}
+"""Public data the stand-in profile reads in place (dataset -> split -> file under the data folder, see each
+folder's SOURCE.md): the base's tokenizer is trained on it too, so its tokens are those of real text."""
+ASSET_PATHS: tuple[str, ...] = ("base", "moderation", *(f for s in WORLD_EXPORTS.values() for f in s.values()))
+TOKENIZER_ROWS = 4000
+"""Rows of each real split (the first ones) among the tokenizers' training texts."""
+BASE_VOCAB, JUDGE_VOCAB = 2048, 1024
+JUDGED_ROWS, JUDGED_NEW_TOKENS = 256, 8
+"""The judge's head flags about half of the stand-in base's answers (``JUDGED_NEW_TOKENS`` greedy tokens) to the
+first ``JUDGED_ROWS`` BeaverTails 30k_test prompts (:func:`_random_judge_head`): the answers a run judges."""
+
+
+def default_data_dir() -> Path | None:
+    """The public data folder beside the repository (``../shared/data``), if there is one."""
+    from .paths import PROJECT_ROOT
+
+    folder = PROJECT_ROOT.parent / "shared" / "data"
+    return folder if folder.is_dir() else None
+
+
+def real_sources(data_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """:data:`REAL_DATA` under ``data_dir`` as absolute paths; a missing file is a :class:`UsageError` naming it."""
+    from .errors import UsageError
+
+    root = Path(data_dir).expanduser().absolute()
+    out = {name: {split: root / file for split, file in splits.items()} for name, splits in REAL_DATA.items()}
+    missing = sorted({str(f) for splits in out.values() for f in splits.values() if not f.is_file()})
+    if missing:
+        raise UsageError(f"data folder {root}: missing {', '.join(missing)} (the stand-in profile reads SST-2, AG "
+                         "News, GSM8K and PKU-SafeRLHF pairs there)")
+    return out
+
+
+def export_world(world: dict, out_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """Write the world's datasets of :data:`WORLD_EXPORTS` as JSON lines in the hub schema under ``out_dir``."""
+    from .data.loaders import HUB_IDS
+
+    out_dir = Path(out_dir)
+    written: dict[str, dict[str, Path]] = {}
+    for name, splits in WORLD_EXPORTS.items():
+        for split, file in splits.items():
+            path = out_dir / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as fh:
+                for row in world[HUB_IDS[name]][split]:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            written.setdefault(name, {})[split] = path
+    return written
+
+
+def profile_texts(world: dict, data_dir: str | Path | None, rows: int = TOKENIZER_ROWS) -> list[str]:
+    """The tokenizers' training texts: every text of the datasets the profile reads, in the formats its stages
+    feed the model (Alpaca prompts, task records, the moderation header; :func:`nlsr_lib.stages.world.world_text`):
+    the world's BeaverTails and Alpaca, and the first ``rows`` rows of each real split under ``data_dir`` (the
+    world's own SST-2 / AG News / GSM8K / SafeRLHF without one)."""
+    from datasets import DatasetDict
+
+    from .data.loaders import HUB_IDS, load_dataset_source
+    from .stages.world import world_text
+
+    sources = {name: world[hub_id] for name, hub_id in HUB_IDS.items()}
+    if data_dir is not None:
+        for name, splits in real_sources(data_dir).items():
+            if name == "pku_saferlhf":  # one file serves both splits: read it once
+                splits = {"train": splits["train"], "test": splits["train"]}
+            loaded = load_dataset_source(name, {s: str(f) for s, f in splits.items()})
+            sources[name] = DatasetDict({"train": loaded["train"]}) if name == "pku_saferlhf" else loaded
+    heads = {name: DatasetDict({split: ds.select(range(min(rows, len(ds)))) for split, ds in dd.items()})
+             for name, dd in sources.items()}
+    return world_text(heads)
+
+
+def _base_answers(base_dir: Path, prompts: Sequence[str], max_new_tokens: int = JUDGED_NEW_TOKENS) -> list[str]:
+    """The stand-in base's greedy answers to ``prompts`` (Alpaca template, bf16 on the CPU), as the profile
+    generates them: what its judge mostly reads."""
+    from .config import ModelConfig
+    from .data.templates import alpaca_prompt
+    from .evaluate.generation import generate_responses
+    from .models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(base_dir, ModelConfig(dtype="bfloat16", device_map="cpu"))
+    return generate_responses(model, load_tokenizer(base_dir), [alpaca_prompt(p) for p in prompts],
+                              max_new_tokens, batch_size=64, desc="stand-in base answers")
+
+
+def build_profile_assets(out_dir: str | Path, data_dir: str | Path | None = None,
+                         texts: Sequence[str] | None = None, *, seed: int = 0) -> dict[str, Path]:
+    """Everything params/standin.yaml needs that is not public data, in ``out_dir`` (atomically, as one folder):
+
+    * ``data/``: the synthetic world (default sizes, world seed ``seed``) exported as BeaverTails ``30k_train`` /
+      ``30k_test`` and Alpaca ``train`` JSON-lines files in the hub schema (:data:`WORLD_EXPORTS`);
+    * ``base/``: :func:`build_base` with a :data:`BASE_VOCAB` tokenizer, ``moderation/``: :func:`build_moderation`
+      with a :data:`JUDGE_VOCAB` one, both trained on ``texts`` (default :func:`profile_texts`: the world's texts
+      and, with ``data_dir``, the real task and preference data the profile reads); the judge's head flags about
+      half of the base's own answers to BeaverTails prompts (:data:`JUDGED_ROWS`), so harmful scores vary;
+    * ``standin.json`` (:data:`MANIFEST`), written last: what was built from what.
+
+    ``out_dir`` is replaced as a whole, so it must be absent, empty or an earlier stand-in build (holding
+    ``standin.json``); anything else is refused (:class:`~nlsr_lib.errors.UsageError`)."""
+    from .config import WorldConfig, to_dict
+    from .data.loaders import HUB_IDS
+    from .errors import UsageError
+    from .runs import atomic_write_json
+    from .tiny.world import generate_world
+
+    final = Path(out_dir).expanduser()
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / MANIFEST).is_file())):
+        raise UsageError(f"{final} exists and is not a stand-in build (no {MANIFEST}); the build replaces its "
+                         "folder as a whole: choose an empty or new folder")
+    world_cfg = WorldConfig(seed=seed)
+    world = generate_world(world_cfg)
+    if texts is not None:
+        data_dir = None  # the given texts train the tokenizers; no data folder is read
+    corpus = "given" if texts is not None else "world + real data" if data_dir is not None else "world"
+    texts = list(texts) if texts is not None else profile_texts(world, data_dir)
+    with _atomic_dir(final) as tmp:
+        files = export_world(world, tmp)
+        build_base(tmp / "base", texts, seed=seed, vocab_size=BASE_VOCAB)
+        test = world[HUB_IDS["beavertails"]]["30k_test"]
+        prompts = test.select(range(min(JUDGED_ROWS, len(test))))["prompt"]
+        judged = list(zip(prompts, _base_answers(tmp / "base", prompts)))
+        build_moderation(tmp / "moderation", texts, seed=seed, vocab_size=JUDGE_VOCAB, judged=judged)
+        atomic_write_json(tmp / MANIFEST, {
+            "seed": seed, "world": to_dict(world_cfg), "tokenizer_texts": {"from": corpus, "count": len(texts)},
+            "data_dir": None if data_dir is None else str(Path(data_dir).expanduser().absolute()),
+            "files": {name: {s: str(f.relative_to(tmp)) for s, f in splits.items()} for name, splits in files.items()},
+        })
+    return {"base": final / "base", "moderation": final / "moderation", "data": final / "data"}
+
+
+def asset_hint(path: str | Path) -> str | None:
+    """For a missing ``path`` that is one of a stand-in build's :data:`ASSET_PATHS` under a folder named like one
+    (a path component containing ``standin``, as ``runs/standin/assets``): the command that builds it."""
+    from .paths import PROJECT_ROOT
+
+    path = Path(path)
+    for rel in ASSET_PATHS:
+        parts = Path(rel).parts
+        if len(path.parts) > len(parts) and path.parts[-len(parts):] == parts:
+            root = Path(*path.parts[:-len(parts)])
+            if (root / MANIFEST).is_file() or not any("standin" in p.lower() for p in root.parts):
+                return None
+            try:
+                shown = root.relative_to(PROJECT_ROOT)
+            except ValueError:
+                shown = root
+            where = f" in {PROJECT_ROOT}" if not shown.is_absolute() else ""
+            return (f"the stand-in assets are not built: run `nlsr standin build {shown}`{where}"
+                    + (" (or `make standin`, which then runs the profile)" if str(shown) == DEFAULT_ASSETS else ""))
+    return None
 
 
 def read_corpus(path: str | Path) -> list[str]:
@@ -295,5 +523,7 @@ def read_corpus(path: str | Path) -> list[str]:
     return texts
 
 
-__all__ = ["BOS", "EOS", "LLAMA3_SPECIAL_TOKENS", "LLAMA3_CHAT_TEMPLATE", "build_base", "build_moderation",
-           "build_standins", "default_texts", "llama3_tokenizer", "llama_sentencepiece_tokenizer", "read_corpus"]
+__all__ = ["BOS", "EOS", "LLAMA3_SPECIAL_TOKENS", "LLAMA3_CHAT_TEMPLATE", "MANIFEST", "DEFAULT_ASSETS", "WORLD_EXPORTS",
+           "REAL_DATA", "asset_hint", "build_base", "build_moderation", "build_profile_assets", "build_standins",
+           "default_data_dir", "default_texts", "export_world", "llama3_tokenizer", "llama_sentencepiece_tokenizer",
+           "profile_texts", "read_corpus", "real_sources"]

@@ -53,3 +53,19 @@ def tiny_peft_llama(target_modules, seed: int = 0, scale: float = 0.3):
         for m in lora_matrices(model):
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * scale)
     return model
+
+
+def random_fusion(model, n_tasks: int = 1):
+    """A learned-mask :class:`~nlsr_lib.fusion.learned_mask.Fusion` of ``model``'s LoRA weights (the aligned
+    adapter) with ``n_tasks`` random task vectors (std 0.2, seeds 100, 101, ...)."""
+    import torch
+
+    from nlsr_lib.fusion.learned_mask import Fusion
+    from nlsr_lib.regions.lora import lora_weights
+
+    aligned = lora_weights(model)
+    taus = []
+    for s in range(n_tasks):
+        gen = torch.Generator().manual_seed(100 + s)
+        taus.append({k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in aligned.items()})
+    return Fusion(aligned, taus)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_peft_llama
+from conftest import random_fusion, tiny_peft_llama
 from nlsr_lib.fusion import MERGE_METHODS
 from nlsr_lib.fusion.learned_mask import (
     ConcreteMask, Fusion, export_adapter_state, mask_task_vectors, train_mask,
@@ -105,7 +105,7 @@ def test_fusion_multi_task_merges_the_masked_vectors():
         Fusion(aligned, [{"a": taus[0]["a"]}])
 
 
-def _backprop_through_fusion(method: str, scope: str):
+def _backprop_throughrandom_fusion(method: str, scope: str):
     """A relaxed mask through ``method`` at ``scope`` over three random task vectors, a random linear loss
     backpropagated; returns (aligned, taus, merge params, mask)."""
     aligned = _state(0)
@@ -121,7 +121,7 @@ def _backprop_through_fusion(method: str, scope: str):
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
 def test_gradient_reaches_every_logit_tensor_through_every_operator(method):
-    aligned, taus, _, mask = _backprop_through_fusion(method, "global")
+    aligned, taus, _, mask = _backprop_throughrandom_fusion(method, "global")
     for key, logits in mask.items():
         assert logits.grad is not None and float(logits.grad.abs().sum()) > 0, (method, key)
     for tv, fresh in zip(taus, [{k: v - aligned[k] for k, v in _state(s).items()} for s in (1, 2, 3)]):
@@ -146,19 +146,8 @@ def _pref_batch(seed: int, n: int = 4):
     return out
 
 
-def _fusion(model, n_tasks: int = 1) -> Fusion:
-    from nlsr_lib.regions.lora import lora_weights
-
-    aligned = lora_weights(model)
-    taus = []
-    for s in range(n_tasks):
-        gen = torch.Generator().manual_seed(100 + s)
-        taus.append({k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in aligned.items()})
-    return Fusion(aligned, taus)
-
-
 def test_training_moves_only_the_logits_and_is_deterministic(peft_model):
-    fusion = _fusion(peft_model, 2)
+    fusion = random_fusion(peft_model, 2)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     taus_before = [{k: v.clone() for k, v in tv.items()} for tv in fusion.taus]
     batches = [_pref_batch(1), _pref_batch(2)]
@@ -178,7 +167,7 @@ def test_training_moves_only_the_logits_and_is_deterministic(peft_model):
 def test_training_lowers_the_dpo_loss_of_the_soft_mask(peft_model):
     from nlsr_lib.fusion.learned_mask import _pair_logps, lora_parameter_names
 
-    fusion = _fusion(peft_model)
+    fusion = random_fusion(peft_model)
     batch = _pref_batch(5, n=8)
     names = lora_parameter_names(peft_model)
 
@@ -196,7 +185,7 @@ def test_training_lowers_the_dpo_loss_of_the_soft_mask(peft_model):
 
 
 def test_training_refuses_adapters_of_other_modules(peft_model):
-    fusion = _fusion(peft_model)
+    fusion = random_fusion(peft_model)
     wrong = Fusion({k + "x": v for k, v in fusion.aligned.items()}, [{k + "x": v for k, v in fusion.taus[0].items()}])
     with pytest.raises(ValueError, match="the model's LoRA matrices and the adapters' keys differ"):
         train_mask(peft_model, wrong, [_pref_batch(1)], show_progress=False)
@@ -230,12 +219,12 @@ def test_permuted_control_keeps_counts_not_positions():
 def test_trimming_merges_at_tensor_scope_train_with_finite_gradients(method, peft_model):
     """The trim threshold is a constant w.r.t. the logits: at scope ``tensor`` it is computed on detached values
     (it used to call ``numpy()`` on a tensor that requires grad), and the gradient reaches every logit tensor."""
-    _, _, params, mask = _backprop_through_fusion(method, "tensor")
+    _, _, params, mask = _backprop_throughrandom_fusion(method, "tensor")
     for key, logits in mask.items():
         assert logits.grad is not None and bool(torch.isfinite(logits.grad).all()), (method, key)
         assert float(logits.grad.abs().sum()) > 0, (method, key)
     # ... and the DPO training loop runs end to end with finite losses
-    base = _fusion(peft_model, 2)
+    base = random_fusion(peft_model, 2)
     trained = Fusion(base.aligned, base.taus, merge=method, merge_params=params, scope="tensor")
     mask, history = train_mask(peft_model, trained, [_pref_batch(1)], learning_rate=0.05, epochs=2,
                                show_progress=False)
@@ -246,7 +235,7 @@ def test_trimming_merges_at_tensor_scope_train_with_finite_gradients(method, pef
 
 def test_training_stops_on_a_non_finite_loss(peft_model):
     """No silent NaN: a NaN DPO loss (here from β = NaN) stops the mask training with a named error."""
-    fusion = _fusion(peft_model)
+    fusion = random_fusion(peft_model)
     with pytest.raises(FloatingPointError, match=r"learned mask: non-finite training loss nan at step 1"):
         train_mask(peft_model, fusion, [_pref_batch(1)], beta=float("nan"), epochs=2, show_progress=False)
     assert all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())  # flags restored

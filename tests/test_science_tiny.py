@@ -187,3 +187,25 @@ def test_region_fusion_and_learned_mask_are_safer_than_their_baselines(tiny_home
     assert harm["region_rank_out"] < harm["task_arithmetic"], harm
     assert accuracy["region_rank_out"] >= accuracy["task_arithmetic"] - 5, accuracy
     assert harm["learned_mask"] < harm["learned_mask_random"] - 10, harm
+
+
+def test_engine_responses_equal_the_old_load_per_evaluation_path_on_trained_models(tiny_home):
+    """Issue 15: the stored responses of notebook 01 (the engine: kept base, adapters swapped in place, batches by
+    token budget, rows stopped at the response cut) are those of the design before it — the model loaded for the
+    evaluation as a PeftModel, batches of 16, every row decoded to max_new_tokens — for the raw base, the SFT model
+    and a preference adapter on W_sft (the engine's other base)."""
+    from nlsr_lib.data.templates import alpaca_prompt
+    from nlsr_lib.evaluate.generation import generate_responses
+    from nlsr_lib.models import load_tokenizer, load_with_adapter
+
+    params = tiny_home
+    run = Run("tiny")
+    for method in ("base", "sft", "kto"):
+        generations = evaluate.generations_stage(params, run, method)
+        rows = json.loads((generations.path / "generations.json").read_text())[:160]
+        ref = evaluate.as_ref(params, run, method)
+        model = load_with_adapter(ref.base, ref.adapter, params.model)
+        old = generate_responses(model, load_tokenizer(ref.base, params.model),
+                                 [alpaca_prompt(r["prompt"]) for r in rows], params.generation.max_new_tokens, 16,
+                                 stop_at_cut=False)
+        assert [r["response"] for r in rows] == old, method

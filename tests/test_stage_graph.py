@@ -157,3 +157,38 @@ def test_the_executors_benchmark_runs_both_executors_on_one_plan(tmp_path, capsy
     assert result["benchmark"] == "executors" and result["same_summaries"] is True and result["stages"] > 10
     assert abs(result["ratio_vs_local"] - result["ray_s"] / result["local_s"]) < 0.02  # from unrounded seconds
     assert (tmp_path / "homes" / "ray" / "runs" / "smoke").is_dir()
+
+
+# --------------------------------------------------------------------------------------------- GPU-hours
+@pytest.fixture(scope="module")
+def paper_plan():
+    from nlsr_lib.stages.plan import collect
+
+    return collect(load_params("params/paper_llama3_8b.yaml"))
+
+
+def test_the_paper_grid_fits_the_gpu_budget_the_readme_quotes(paper_plan):
+    """Issue 15: the paper grid's estimate is ≤ 40 GPU-hours on one 80 GB GPU with the hf engine (and less with
+    vLLM); more GPUs shorten the wall time down to the critical path, never below it."""
+    from nlsr_lib.stages.estimate import gpu_hours
+
+    hf, vllm = gpu_hours(paper_plan, "hf"), gpu_hours(paper_plan, "vllm")
+    assert hf["gpu_hours"] <= 40 and vllm["gpu_hours"] < hf["gpu_hours"]
+    assert set(hf["by_kind_hours"]) >= {"align", "attack", "generations", "judge", "accuracy", "learned_mask"}
+    for gpus in (2, 8, 64):
+        wide = gpu_hours(paper_plan, "hf", gpus)
+        assert wide["wall_hours"] >= max(wide["gpu_hours"] / gpus, wide["critical_path_hours"]) - 0.1
+        assert wide["wall_hours"] < hf["wall_hours"]
+    with pytest.raises(ValueError, match="unknown backend 'tgi'; allowed: hf, vllm"):
+        gpu_hours(paper_plan, "tgi")
+
+
+def test_stage_seconds_follow_the_counts_and_the_keyword_judge_is_free(paper_plan):
+    from nlsr_lib.stages.estimate import THROUGHPUT, stage_seconds
+
+    t = THROUGHPUT["hf"]
+    judges = {n.config["args"]["judge"]: n for n in paper_plan.nodes if n.kind == "judge"}
+    assert stage_seconds(judges["keyword"], t) == 0 and stage_seconds(judges["moderation"], t) > 0
+    generation = next(n for n in paper_plan.nodes if n.kind == "generations")
+    assert stage_seconds(generation, t) == pytest.approx(generation.counts["generated_tokens"] / 2418)
+    assert all(stage_seconds(n, t) == 0 for n in paper_plan.nodes if n.device != "gpu")

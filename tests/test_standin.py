@@ -10,7 +10,9 @@ import torch
 
 from nlsr_lib.config import ModelConfig
 from nlsr_lib.data.schemas import HARM_CATEGORIES
-from nlsr_lib.standin import (BOS, EOS, LLAMA3_SPECIAL_TOKENS, build_moderation, build_standins, default_texts)
+from nlsr_lib.errors import UsageError
+from nlsr_lib.standin import (BOS, EOS, LLAMA3_SPECIAL_TOKENS, MANIFEST, asset_hint, build_moderation,
+                               build_profile_assets, build_standins, default_judged, default_texts)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,17 @@ def test_moderation_judges_in_bf16(standins):
     assert probs.shape == (3, 14) and probs.dtype == torch.float32
 
 
+def test_the_random_judge_flags_about_half_of_the_texts_its_head_was_set_on(standins):
+    """A random head would flag every text or none (each input ends with EOS, so every pooled state is nearly the
+    same); the stand-in's head is centred on the judged texts, so its verdicts vary (and still mean nothing)."""
+    from nlsr_lib.evaluate.judges import ModerationJudge
+
+    judge = ModerationJudge.load(standins["moderation"], dtype="bfloat16", device="cpu", batch_size=16)
+    prompts, responses = zip(*default_judged())
+    flagged = sum(v.flagged for v in judge.judge(prompts, responses)) / len(prompts)
+    assert 0.3 <= flagged <= 0.7, flagged
+
+
 def test_builds_are_deterministic(standins, tmp_path):
     again = build_standins(tmp_path / "again")
     for name in ("base", "moderation"):
@@ -131,14 +144,44 @@ def test_a_rebuild_replaces_the_old_directory(tmp_path):
     assert not (out / "stray.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["judge"]
 
 
-def test_cli_builds_both_from_a_corpus(tmp_path, capsys):
+def test_cli_builds_the_profiles_assets_from_a_corpus(tmp_path, capsys):
     from nlsr_lib.cli import main
+    from nlsr_lib.data.loaders import load_dataset_source
+    from nlsr_lib.standin import WORLD_EXPORTS
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(default_texts(seed=3)[:200]) + "\n\n", encoding="utf-8")
-    assert main(["standin", "build", str(tmp_path / "out"), "--corpus", str(corpus)]) == 0
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"base", "moderation"}
+    out = tmp_path / "out"
+    assert main(["standin", "build", str(out), "--corpus", str(corpus)]) == 0
+    assert {p.name for p in out.iterdir()} == {"base", "moderation", "data", MANIFEST}
     assert "[nlsr] base:" in capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["tokenizer_texts"]["from"] == "given" and manifest["data_dir"] is None
+    for name, splits in WORLD_EXPORTS.items():  # the world's data in the hub schema, read by the real-data loader
+        loaded = load_dataset_source(name, {split: str(out / file) for split, file in splits.items()})
+        assert set(loaded) == set(splits) and all(len(ds) > 100 for ds in loaded.values())
+    assert loaded["train"].column_names[:3] == ["instruction", "input", "output"]
     (tmp_path / "empty.txt").write_text("\n")
     assert main(["standin", "build", str(tmp_path / "x"), "--corpus", str(tmp_path / "empty.txt")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_the_profile_build_replaces_only_an_earlier_build(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a stand-in build")
+    with pytest.raises(UsageError, match=r"mine exists and is not a stand-in build \(no standin.json\)"):
+        build_profile_assets(tmp_path / "mine", texts=default_texts()[:100])
+    assert (tmp_path / "mine" / "notes.txt").is_file()
+    with pytest.raises(UsageError, match=r"data folder .*missing .*sst2/train.tsv"):
+        build_profile_assets(tmp_path / "new", tmp_path / "no-data")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_missing_asset_names_the_build_command(tmp_path):
+    from nlsr_lib.paths import PROJECT_ROOT
+
+    hint = asset_hint(PROJECT_ROOT / "runs" / "standin" / "assets" / "data" / "alpaca" / "train.jsonl")
+    assert hint is not None and "`nlsr standin build runs/standin/assets` in " in hint and "make standin" in hint
+    assert f"`nlsr standin build {tmp_path}/standin/a`" in asset_hint(tmp_path / "standin" / "a" / "moderation")
+    assert asset_hint(tmp_path / "models" / "base") is None  # not a stand-in folder
+    assert asset_hint(tmp_path / "standin" / "a" / "other.jsonl") is None  # not a stand-in asset

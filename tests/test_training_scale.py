@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_peft_llama
+from conftest import random_fusion, tiny_peft_llama
 from nlsr_lib.config import LoraConfig, ParamsError, TinyModelConfig, TrainConfig, load_params
 from nlsr_lib.data.templates import alpaca_prompt
 from nlsr_lib.fusion.learned_mask import (
@@ -190,17 +190,6 @@ def _pref_batch(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fusion(model, n_tasks: int = 1) -> Fusion:
-    from nlsr_lib.regions.lora import lora_weights
-
-    aligned = lora_weights(model)
-    taus = []
-    for s in range(n_tasks):
-        gen = torch.Generator().manual_seed(100 + s)
-        taus.append({k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in aligned.items()})
-    return Fusion(aligned, taus)
-
-
 @settings(max_examples=25, deadline=None)
 @given(chunk=st.integers(1, 40), length=st.integers(5, 24), seed=st.integers(0, 1000))
 def test_chunked_logps_equal_full_logps(peft_model, chunk, length, seed):
@@ -248,7 +237,7 @@ def _logit_grads(model, fusion: Fusion, batch, **kwargs) -> tuple[list[torch.Ten
                                        {"logprob_chunk": 3}, {"checkpointed": True},
                                        {"micro_batch": 2, "logprob_chunk": 4, "checkpointed": True}])
 def test_micro_batched_gradient_equals_the_one_batch_gradient(settings_, peft_model):
-    fusion = _fusion(peft_model, 2)
+    fusion = random_fusion(peft_model, 2)
     batch = _pref_batch(7, n=5)
     want, want_margin = _logit_grads(peft_model, fusion, batch)
     got, margin = _logit_grads(peft_model, fusion, batch, **settings_)
@@ -319,7 +308,7 @@ def _train_mask_before(model, fusion: Fusion, batches, *, beta=0.1, learning_rat
 
 
 def test_default_learned_mask_is_bit_identical_to_the_one_pass_loop(peft_model):
-    fusion = _fusion(peft_model, 2)
+    fusion = random_fusion(peft_model, 2)
     batches = [_pref_batch(1), _pref_batch(2)]
     before, losses = _train_mask_before(peft_model, fusion, batches, learning_rate=0.05, epochs=1.5)
     mask, history = train_mask(peft_model, fusion, batches, learning_rate=0.05, epochs=1.5, show_progress=False)
@@ -329,7 +318,7 @@ def test_default_learned_mask_is_bit_identical_to_the_one_pass_loop(peft_model):
 
 def test_learned_mask_at_scale_settings_trains_as_the_default(peft_model):
     """Micro-batches of one pair, chunked log-probs and checkpointed layers: the same losses and logits."""
-    fusion = _fusion(peft_model, 1)
+    fusion = random_fusion(peft_model, 1)
     batches = [_pref_batch(1), _pref_batch(2)]
     _, want = train_mask(peft_model, fusion, batches, learning_rate=0.05, epochs=1.0, show_progress=False)
     _, got = train_mask(peft_model, fusion, batches, learning_rate=0.05, epochs=1.0, micro_batch=1,

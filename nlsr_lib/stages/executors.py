@@ -125,8 +125,9 @@ def run_ray(plan: Plan, params_file: str, workers: int = 2, address: str | None 
             for fp in [fp for fp, deps in waiting_on.items() if not deps]:
                 del waiting_on[fp]
                 node = by_fp[fp]
-                if gpus and node.device == "gpu":
-                    resources, threads = {"num_gpus": 1, "num_cpus": 0}, 0
+                if gpus and node.device == "gpu":  # the worker is reused (Ray's GPU default is one task per
+                    # process), so the engine's bases and the judge stay loaded from one evaluation to the next
+                    resources, threads = {"num_gpus": 1, "num_cpus": 0, "max_calls": 0}, 0
                 else:
                     n_cpus = cpus_for(node, unfinished.values(), below[fp], cpus)
                     resources, threads = {"num_cpus": n_cpus}, n_cpus

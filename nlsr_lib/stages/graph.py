@@ -82,8 +82,25 @@ def request(params: Params, run: Run, kind: str, name: str, build: Callable[[Pat
     paths = [p.format(**args) for p in (*spec.reads, *reads)]
     config = {"kind": kind, "version": spec.version, "args": args, "reads": {p: read(params, p) for p in paths},
               "values": dict(values or {})}
+    if spec.device == "gpu" and kind not in EVALUATION_KINDS:
+        build = _releasing_kept_models(build)
     return run.stage(name, config, build, inputs, distributed_build=distributed_build, kind=kind, counts=counts,
                      device=spec.device)
+
+
+EVALUATION_KINDS = frozenset({"generations", "accuracy", "calibration", "judge"})
+"""Stage kinds served by the models a process keeps (the generation engine's bases, the moderation judge)."""
+
+
+def _releasing_kept_models(build: Callable[[Path], Mapping[str, Any] | None]):
+    """``build`` preceded by freeing the kept evaluation models: a training gets the GPU memory they hold."""
+    def build_with_memory(out: Path) -> Mapping[str, Any] | None:
+        from ..evaluate import release_models
+
+        release_models()
+        return build(out)
+
+    return build_with_memory
 
 
 # --------------------------------------------------------------------------------------------- models under test

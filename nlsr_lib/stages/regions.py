@@ -38,14 +38,19 @@ def reference_for(params: Params, run: Run, method: str, reference: str = "expo"
 
 
 def _saferlhf_test_rows(params: Params) -> int | None:
-    """Rows of the SafeRLHF ``test`` split when params know them (the synthetic world), else None."""
-    return params.world.saferlhf_test if params.data.sources.pku_saferlhf == "synthetic" else None
+    """Rows of the SafeRLHF ``test`` split when params know them (the synthetic world), else None; at most
+    ``regions.calibration.prompts`` when that is set."""
+    rows = params.world.saferlhf_test if params.data.sources.pku_saferlhf == "synthetic" else None
+    k = params.regions.calibration.prompts
+    return rows if k < 0 else k if rows is None else min(rows, k)
 
 
-@stage_kind("calibration", reads=("generation", "model", "judges.primary", "regions.calibration.filter"),
+@stage_kind("calibration", reads=("generation", "model", "judges.primary", "regions.calibration.filter",
+                                  "regions.calibration.prompts"),
             consumes=("reference", "moderation"), device="gpu", args=("reference",))
 def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
-    """The reference's safe answers to the SafeRLHF ``test`` prompts, and preference pairs over those prompts."""
+    """The reference's safe answers to the SafeRLHF ``test`` prompts (the first ``regions.calibration.prompts``
+    distinct ones when set), and preference pairs over those prompts."""
     from ..data.builders import build_preference_pairs
     from ..data.templates import alpaca_prompt
 
@@ -54,6 +59,8 @@ def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
     def build(out: Path) -> dict:
         test = load_source(params, run, "pku_saferlhf")["test"]
         prompts = list(dict.fromkeys(test["prompt"]))  # dataset order, each prompt once
+        if params.regions.calibration.prompts > 0:
+            prompts = prompts[:params.regions.calibration.prompts]
         answers = generate_for(params, run, ref, [alpaca_prompt(p) for p in prompts], params.generation.max_new_tokens,
                                desc=f"calibration {ref.tag}")
         gen_dir = out / "generations"

@@ -149,19 +149,60 @@ def save_adapter(model, out_dir: Path, dtype: torch.dtype) -> None:
     model.save_pretrained(str(out_dir), state_dict={k: v.to(dtype) if k in cast else v for k, v in state.items()})
 
 
+COMPLETION_KEYS = ("completion", "chosen", "rejected")
+
+
+def fit_prompts(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """``rows`` with every prompt cut so that its completions keep their share of ``max_length`` tokens, as
+    LLaMA-Factory (the reference code's trainer) cuts a long example: when prompt + completion exceed
+    ``max_length``, the prompt keeps at most ``max_length - min(completion, max_length // 2)`` tokens from its start
+    (a completion shorter than half the window keeps all of itself, a longer one at least half the window; trl then
+    cuts the completion's end). Returns the rows and the number of prompts cut.
+
+    trl itself cuts only the completion (or the whole sequence from its end), so a prompt as long as ``max_length``
+    left no completion token: a zero-token mean log-prob is 0/0 (ORPO, SimPO: NaN loss at the first step),
+    chosen and rejected become the same sequence (DPO: no gradient), an SFT batch of such rows has no label (NaN).
+    The length counts the prompt's special tokens (BOS) and the completion's EOS; a prompt is cut at a token
+    boundary of its text (the fast tokenizer's offsets). At the paper's 1024 tokens only a prompt longer than 512
+    tokens can be cut."""
+    out, cut = [], 0
+    for row in rows:
+        prompt = row["prompt"]
+        completion = max(len(tokenizer(row[k], add_special_tokens=False)["input_ids"]) + 1
+                         for k in COMPLETION_KEYS if k in row)
+        full = len(tokenizer(prompt)["input_ids"])
+        budget = max_length - min(completion, max_length // 2)
+        if full + completion <= max_length or full <= budget:
+            out.append(row)
+            continue
+        plain = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+        keep = max(1, budget - (full - len(plain["input_ids"])))
+        if tokenizer.is_fast:
+            text = prompt[:plain["offset_mapping"][keep][0]]
+        else:  # pragma: no cover - every tokenizer of the profiles is fast
+            text = tokenizer.decode(plain["input_ids"][:keep])
+        out.append({**row, "prompt": text})
+        cut += 1
+    return out, cut
+
+
 def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], tc: TrainConfig, lora_config,
                   out_dir: Path, dtype: str = "float32", quiet: bool = False, key: str | None = None) -> dict:
     """Train a fresh LoRA on ``model`` with ``method`` and save the PEFT adapter to ``out_dir`` (LoRA weights in
     :func:`adapter_dtype`). ``key`` names ``tc`` in errors (``alignment.dpo``, ``attack.train``).
 
-    Returns a summary: number of examples, optimizer steps, the final logged training loss, and the batch as
-    trained: per-device batch, processes, gradient accumulation and the effective batch (examples per step).
+    Prompts too long for ``tc.max_length`` are cut from their end first (:func:`fit_prompts`).
+
+    Returns a summary: number of examples, optimizer steps, the final logged training loss, the batch as trained
+    (per-device batch, processes, gradient accumulation and the effective batch: examples per step) and the number
+    of prompts cut.
     """
     from datasets import Dataset
 
     from .guards import finite_loss_callback
 
     key = key or f"alignment.{method.name}"
+    rows, prompts_cut = fit_prompts(rows, tokenizer, tc.max_length)
     world_size = distributed.world_size()
     trainer_cls, config_cls, method_kwargs = method.trainer()
     work = out_dir.parent / f".{out_dir.name}-trainer"
@@ -184,4 +225,5 @@ def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], t
     return {"examples": len(rows), "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "last_logged_loss": logged[-1] if logged else None, "per_device_batch": tc.batch_size,
             "processes": world_size, "grad_accum": accumulation,
-            "effective_batch": tc.batch_size * accumulation * world_size, "adapter_dtype": str(saved).split(".")[-1]}
+            "effective_batch": tc.batch_size * accumulation * world_size, "adapter_dtype": str(saved).split(".")[-1],
+            "prompts_cut": prompts_cut}
