@@ -5,6 +5,7 @@ evaluations deduplicated by adapter content, and the vLLM backend's requests."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 import types
@@ -183,6 +184,11 @@ def test_identical_adapters_are_evaluated_once(tiny, tmp_path, monkeypatch):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny["adapters"][0], copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "elsewhere"}))
+    rescaled = tmp_path / "rescaled"
+    shutil.copytree(tiny["adapters"][0], rescaled)
+    (rescaled / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2 * config["lora_alpha"]}))
     params = dataclasses.replace(Params(), model=ModelConfig(device_map="cpu"))
     run = Run("test", root=tmp_path / "runs")
     calls = []
@@ -197,8 +203,11 @@ def test_identical_adapters_are_evaluated_once(tiny, tmp_path, monkeypatch):
     again = generate_for(params, run, ModelRef("b", tiny["base"], str(copy), None), ["p", "q"], 8, "x")
     other = generate_for(params, run, ModelRef("c", tiny["base"], tiny["adapters"][1], None), ["p", "q"], 8, "x")
     generate_for(params, run, ModelRef("a", tiny["base"], tiny["adapters"][0], None), ["p"], 8, "x")
+    generate_for(params, run, ModelRef("d", tiny["base"], str(rescaled), None), ["p", "q"], 8, "x")
     assert first == again == other == ["r0", "r1"]
-    assert calls == [tiny["adapters"][0], tiny["adapters"][1], tiny["adapters"][0]]  # prompts differ last
+    # the copy (same weights and scaling, another origin) is not generated again; other prompts or another
+    # lora_alpha (same weights, another model) are
+    assert calls == [tiny["adapters"][0], tiny["adapters"][1], tiny["adapters"][0], str(rescaled)]
 
 
 # --------------------------------------------------------------------------------------------- vLLM

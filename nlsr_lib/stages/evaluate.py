@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from ..config import Params
 from ..runs import Artifact, Run, atomic_write_json
 from .align import aligned_adapter_ref, model_ref
-from ..models import ADAPTER_WEIGHTS
+from ..models import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .graph import ModelRef, content_hash, request, stage_kind
 from .world import load_source, moderation_location, moderation_stage, source_inputs
 
@@ -43,12 +43,29 @@ RESPONSES_VERSION = 1
 """Bump when the responses an engine returns for a (base, adapter, prompts) change meaning."""
 
 
-def responses_key(params: Params, ref: ModelRef, prompts: list[str], max_new_tokens: int) -> str:
+ADAPTER_CONFIG_IGNORED = ("base_model_name_or_path", "revision")
+"""Fields of ``adapter_config.json`` that name where an adapter came from, not what it computes."""
+
+
+def adapter_content(run: Run, adapter: str) -> str:
+    """sha256 of what an adapter computes: its weights and its config without the fields that only name its origin
+    (so r, lora_alpha, rsLoRA and the target modules count); hashed once per run."""
+    def compute() -> str:
+        config = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text())
+        config = {k: v for k, v in config.items() if k not in ADAPTER_CONFIG_IGNORED}
+        text = json.dumps({"weights": content_hash(Path(adapter) / ADAPTER_WEIGHTS), "config": config},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    return run.memo(f"adapter_content/{Path(adapter).resolve()}", compute)
+
+
+def responses_key(params: Params, run: Run, ref: ModelRef, prompts: list[str], max_new_tokens: int) -> str:
     """The content address of a model's greedy responses: its base (path or hub id; cached bases live under their
-    fingerprint), the sha256 of its adapter's files, the prompts, ``max_new_tokens`` and the dtype. Two artifacts
-    holding the same adapter (EXPO at α = 0 and the aligned adapter, the ``aligned_adapter`` defence, ...) share
-    one evaluation."""
-    adapter = None if ref.adapter is None else content_hash(Path(ref.adapter) / ADAPTER_WEIGHTS)
+    fingerprint), what its adapter computes (:func:`adapter_content`), the prompts, ``max_new_tokens`` and the
+    dtype. Two artifacts holding the same adapter (EXPO at α = 0 and the aligned adapter, the ``aligned_adapter``
+    defence, ...) share one evaluation."""
+    adapter = None if ref.adapter is None else adapter_content(run, ref.adapter)
     key = {"version": RESPONSES_VERSION, "base": str(ref.base), "adapter": adapter, "dtype": params.model.dtype,
            "max_new_tokens": max_new_tokens, "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -61,7 +78,7 @@ def generate_for(params: Params, run: Run, ref: ModelRef, prompts: list[str], ma
     ``<run>/responses/`` is written atomically)."""
     from ..evaluate.engine import engine
 
-    key = responses_key(params, ref, prompts, max_new_tokens)
+    key = responses_key(params, run, ref, prompts, max_new_tokens)
     stored = run.root / "responses" / key[:2] / f"{key}.json"
     if stored.is_file():
         return json.loads(stored.read_text())
