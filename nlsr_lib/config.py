@@ -499,7 +499,13 @@ class Params:
     """All parameters of one profile."""
 
     profile: str = _f("tiny")
-    seed: int = _f(42)
+    seed: int = _f(42, doc="the data seed: pretraining order, mixture shuffles (fixed across training seeds)")
+    seeds: tuple[int, ...] = _f((42,), doc="training seeds (nlsr_lib/seeds.py): each training (alignment, attack, "
+                                           "learned mask) runs once per seed, overriding its config's seed; the "
+                                           "world, base model, judge and evaluation sets stay fixed")
+    seed_scope: str = _f("headline", choices=("headline", "all"),
+                         doc="headline: the headline tables at every seed, the rest at seeds[0]; all: every table "
+                             "at every seed")
     world: WorldConfig = _sub(WorldConfig)
     data: DataConfig = _sub(DataConfig)
     tokenizer: TokenizerConfig = _sub(TokenizerConfig)
@@ -535,6 +541,14 @@ def _check_methods(p: Params) -> None:
         raise ParamsError("alignment.methods must include 'sft': every preference method trains on W_sft")
     if p.judges.primary not in p.judges.enabled:
         raise ParamsError(f"judges.primary {p.judges.primary!r} must be one of judges.enabled {list(p.judges.enabled)}")
+
+
+@_cross_check
+def _check_seeds(p: Params) -> None:
+    if not p.seeds:
+        raise ParamsError("seeds: at least one training seed is needed, e.g. seeds: [42, 43, 44]")
+    if len(set(p.seeds)) != len(p.seeds) or any(s < 0 for s in p.seeds):
+        raise ParamsError(f"seeds: {list(p.seeds)}; allowed: distinct non-negative integers")
 
 
 @_cross_check

@@ -62,14 +62,71 @@ def check_saved(names: Sequence[str], profile: str) -> None:
         raise FileNotFoundError(f"figures missing under {figures_dir(profile)}: {', '.join(missing)}")
 
 
+def _spread(table: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The standard deviation over training seeds of ``metric`` (its ``<metric>_sd`` column, NaN read as 0), or
+    None where the table has no such column or no sd above 0 (single-run tables plot as before)."""
+    column = f"{metric}_sd"
+    if column not in table.columns:
+        return None
+    sd = pd.to_numeric(table[column], errors="coerce").fillna(0.0)
+    return sd if (sd > 0).any() else None
+
+
+def _n_seeds(table: pd.DataFrame) -> int | None:
+    """The largest ``n_seeds`` of the table, None where it has no such column (or only NaN)."""
+    if "n_seeds" not in table.columns:
+        return None
+    n = pd.to_numeric(table["n_seeds"], errors="coerce").max()
+    return None if pd.isna(n) else int(n)
+
+
+def _seed_note(table: pd.DataFrame) -> str:
+    """A short note for a title or legend where the seed spread is drawn: ``mean ± sd over 3 seeds``."""
+    n = _n_seeds(table)
+    return f"mean ± sd over {n} seeds" if n is not None else "mean ± sd over seeds"
+
+
+def _with_note(title: str, note: str | None) -> str:
+    return f"{title}\n{note}" if note else title
+
+
+def _band(ax, x, y, sd: pd.Series | None, color) -> bool:
+    """Shade mean ± sd around a line (same colour, alpha 0.2); nothing where ``sd`` is None. True if drawn."""
+    if sd is None:
+        return False
+    x, y, sd = (pd.Series(v).to_numpy(dtype=float) for v in (x, y, sd))
+    ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.2, linewidth=0, zorder=1)
+    return True
+
+
 def harmful_score_by_method(table: pd.DataFrame, title: str, order: Sequence[str] = METHOD_ORDER):
     """Grouped bars: harmful score (%) per model, one bar per judge, the value printed on each bar."""
     style()
     methods = [m for m in order if m in set(table["method"])]
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
     sns.barplot(data=table, x="method", y="harmful_score", hue="judge", order=methods, ax=ax)
-    for container in ax.containers:
-        ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
+    sd = _spread(table, "harmful_score")
+    n = _n_seeds(table)
+    if sd is not None and (n is None or n > 1):
+        # one bar container per judge, in the legend's order; a bar's centre rounds to its method's index
+        spread = dict(zip(zip(table["method"], table["judge"].astype(str)), sd))
+        judges = [text.get_text() for text in ax.get_legend().get_texts()]
+        for judge, container in zip(judges, list(ax.containers)):
+            xs, heights, errors = [], [], []
+            for bar in container:
+                x = bar.get_x() + bar.get_width() / 2
+                key = (methods[round(x)], judge)
+                xs.append(x)
+                heights.append(bar.get_height())
+                errors.append(float(spread.get(key, 0.0)))
+            ax.errorbar(xs, heights, yerr=errors, fmt="none", ecolor="0.2", elinewidth=1, capsize=3, zorder=3)
+            for x, h, e in zip(xs, heights, errors):
+                ax.annotate(f"{h:.1f}", (x, h + e), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=8)
+        title = _with_note(title, f"error bars: {_seed_note(table)}")
+    else:
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
     ax.set_xlabel("model (base = unaligned; sft = W_sft; others = W_sft + their preference LoRA)")
     ax.set_ylabel("harmful score (%)  ↓ safer")
     ax.set_ylim(0, 105)
@@ -86,12 +143,15 @@ def attack_by_ratio(table: pd.DataFrame, title: str):
     style()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4))
     palette = dict(zip(sorted(set(table["task"])), sns.color_palette("colorblind")))
+    banded = False
     for task, rows in table.sort_values("poison_ratio").groupby("task"):
         color = palette[task]
         left.plot(rows["poison_ratio"], rows["harmful_score"], "o-", color=color, label=task)
         right.plot(rows["poison_ratio"], rows["accuracy"], "o-", color=color, markersize=9, markerfacecolor="none",
                    markeredgewidth=1.5, zorder=2)
         right.plot(rows["poison_ratio"], rows["accuracy_strict"], "s--", color=color, markersize=4, zorder=3)
+        for ax, metric in ((left, "harmful_score"), (right, "accuracy"), (right, "accuracy_strict")):
+            banded |= _band(ax, rows["poison_ratio"], rows[metric], _spread(rows, metric), color)
     left.set(xlabel="poison ratio p", ylabel="harmful score (%)  ↓ safer", ylim=(-2, 102), title="safety")
     right.set(xlabel="poison ratio p", ylabel="task accuracy (%)  ↑", ylim=(-2, 102), title="task accuracy")
     task_handles = [plt.Line2D([], [], color=c, marker="o", label=t) for t, c in palette.items()]
@@ -101,7 +161,7 @@ def attack_by_ratio(table: pd.DataFrame, title: str):
                                label="accuracy, strict rule")]
     fig.legend(handles=task_handles + rule_handles, loc="lower center", ncol=len(task_handles) + 2, fontsize=9,
                frameon=False, bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(title)
+    fig.suptitle(_with_note(title, f"shaded: {_seed_note(table)}" if banded else None))
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
@@ -111,11 +171,15 @@ def attack_by_size(table: pd.DataFrame, title: str):
     style()
     rows = table.sort_values("n")
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    ax.plot(rows["n"], rows["harmful_score"], "o-", label="harmful score")
-    ax.plot(rows["n"], rows["accuracy_strict"], "s--", label="accuracy (strict)")
+    banded = False
+    for metric, fmt, label in (("harmful_score", "o-", "harmful score"),
+                               ("accuracy_strict", "s--", "accuracy (strict)")):
+        (line,) = ax.plot(rows["n"], rows[metric], fmt, label=label)
+        banded |= _band(ax, rows["n"], rows[metric], _spread(rows, metric), line.get_color())
     for n, score, k in zip(rows["n"], rows["harmful_score"], rows["harmful_size"]):
         ax.annotate(f"{k} harmful", (n, score), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.set(xscale="log", xlabel="fine-tuning examples n (log scale)", ylabel="%", ylim=(-2, 105), title=title)
+    ax.set(xscale="log", xlabel="fine-tuning examples n (log scale)", ylabel="%", ylim=(-2, 105),
+           title=_with_note(title, f"shaded: {_seed_note(table)}" if banded else None))
     ax.legend()
     fig.tight_layout()
     return fig
@@ -126,14 +190,17 @@ def expo_alpha_sweep(table: pd.DataFrame, identity: float, title: str):
     style()
     fig, ax = plt.subplots(figsize=(7, 4))
     palette = dict(zip(METHOD_ORDER, sns.color_palette("colorblind")))
+    banded = False
     for method, rows in table.sort_values("alpha").groupby("method", sort=False):
-        ax.plot(rows["alpha"], rows["harmful_score"], "o-", color=palette.get(method), label=method)
+        (line,) = ax.plot(rows["alpha"], rows["harmful_score"], "o-", color=palette.get(method), label=method)
+        banded |= _band(ax, rows["alpha"], rows["harmful_score"], _spread(rows, "harmful_score"), line.get_color())
         chosen = rows[rows["chosen"]]
         ax.plot(chosen["alpha"], chosen["harmful_score"], "*", ms=16, color=palette.get(method),
                 markeredgecolor="black")
     ax.axvline(identity, ls=":", color="grey")
     ax.annotate("un-extrapolated", (identity, ax.get_ylim()[1]), fontsize=8, ha="left", va="top")
-    ax.set(xlabel="EXPO α", ylabel="harmful score on the test slice (%)  ↓ safer", title=title)
+    ax.set(xlabel="EXPO α", ylabel="harmful score on the test slice (%)  ↓ safer",
+           title=_with_note(title, f"shaded: {_seed_note(table)}" if banded else None))
     ax.legend(title="method (★ = α chosen on validation)", fontsize=8)
     fig.tight_layout()
     return fig
@@ -177,16 +244,27 @@ def defences_by_ratio(table: pd.DataFrame, title: str):
     """Harmful score (left) and task accuracy (right) vs poison ratio, one line per defence."""
     style()
     order = [d for d in DEFENCE_ORDER if d in set(table["defense"])]
+    # seaborn's own default for these hue levels, named so the seed bands can take the same colours
+    palette = dict(zip(order, sns.color_palette(None if len(order) <= len(sns.color_palette()) else "husl",
+                                                len(order))))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0), sharex=True)
+    banded = False
     for ax, metric, label in ((left, "harmful_score", "harmful score (%)  ↓ safer"),
                               (right, "accuracy", "task accuracy (%)  ↑")):
         sns.lineplot(data=table, x="poison_ratio", y=metric, hue="defense", hue_order=order, style="defense",
-                     style_order=order, markers=True, dashes=False, ax=ax, legend=ax is right)
+                     style_order=order, markers=True, dashes=False, ax=ax, legend=ax is right, palette=palette)
+        sd = _spread(table, metric)
+        if sd is not None:
+            for defence in order:
+                # seaborn draws the mean per poison ratio: the band follows the same means
+                rows = table.assign(**{f"{metric}_sd": sd})[table.defense == defence]
+                rows = rows.groupby("poison_ratio", sort=True)[[metric, f"{metric}_sd"]].mean().reset_index()
+                banded |= _band(ax, rows["poison_ratio"], rows[metric], _spread(rows, metric), palette[defence])
         ax.set_xlabel("poison ratio p")
         ax.set_ylabel(label)
         ax.set_ylim(-2, 102)
     right.legend(title="defence", bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.suptitle(title)
+    fig.suptitle(_with_note(title, f"shaded: {_seed_note(table)}" if banded else None))
     fig.tight_layout()
     return fig
 
@@ -330,10 +408,17 @@ def fusion_scatter(table: pd.DataFrame, title: str):
     sizes = dict(zip(names, [170 - 110 * i / max(1, len(names) - 1) for i in range(len(names))]))
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
+    xerr, yerr = _spread(table, "harmful_score"), _spread(table, "accuracy")
+    errors = table.assign(_dx=0.0 if xerr is None else xerr.to_numpy(),
+                          _dy=0.0 if yerr is None else yerr.to_numpy())
     for ax, group in zip(axes.flat, groups):
-        sub = table[table.inputs == group]
+        sub = errors[errors.inputs == group]
         for z, (_, row) in enumerate(sub.iterrows()):
             name = row["fusion"]
+            dx, dy = float(row["_dx"]), float(row["_dy"])
+            if dx > 0 or dy > 0:
+                ax.errorbar(row["harmful_score"], row["accuracy"], xerr=dx or None, yerr=dy or None, fmt="none",
+                            ecolor=colors[name], elinewidth=1, capsize=2, zorder=2)
             ax.scatter(row["harmful_score"], row["accuracy"], color=colors[name], s=sizes[name], zorder=3 + z,
                        marker=FAMILY_MARKERS[fusion_family(name)], edgecolors="white", linewidths=0.6)
         low, high = ax.get_ylim()
@@ -345,7 +430,8 @@ def fusion_scatter(table: pd.DataFrame, title: str):
                           markersize=8, label=f"{n}  ({fusion_family(n)})") for n in names]
     axes[0][-1].legend(handles=handles, title="fusion (shape = family)", bbox_to_anchor=(1.02, 1), loc="upper left",
                        fontsize=8)
-    fig.suptitle(title)
+    spread = xerr is not None or yerr is not None
+    fig.suptitle(_with_note(title, f"error bars: {_seed_note(table)}" if spread else None))
     fig.tight_layout()
     return fig
 

@@ -33,13 +33,14 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 
 params = load_params(params_file)
 run = Run(params.profile)
-print(f"profile {params.profile}: model {params.model.name}, alignment methods {params.alignment.methods}")
+print(f"profile {params.profile}: model {params.model.name}, alignment methods {params.alignment.methods}, "
+      f"training seeds {params.seeds}")
 study = notebooks.alignment(params, run)
 
 # %% [markdown]
@@ -51,20 +52,23 @@ study = notebooks.alignment(params, run)
 display(pd.DataFrame([{"stage": "base_model", **study["base"]}, {"stage": "moderation", **study["moderation"]}]))
 
 # %% [markdown]
-# ## Alignment: SFT → W_sft, then one preference LoRA per method on W_sft
+# ## Alignment: SFT → W_sft, then one preference LoRA per method on W_sft, at every training seed
 
 # %%
-display(pd.DataFrame([{"method": m, **summary} for m, summary in study["aligned"].items()]))
+display(pd.DataFrame(study["aligned"]))
 
 # %% [markdown]
 # ## Harmful score of each model under each judge
+# Mean ± sd over the training seeds (the base model is not trained: the same at every seed); the JSON also holds
+# a 95 % bootstrap interval over seeds and prompts (`harmful_score_lo`, `_hi`) and the per-seed records
+# (`01_alignment_seeds.json`).
 
 # %%
-records = study["records"]
-table = pd.DataFrame(records)
-columns = ["method", "judge", "harmful_score", "empty", "n"]  # empty: % of empty answers (never counted as safe)
-write_results(records, "01_alignment", params.profile, columns=columns)
-display(Markdown(markdown_table(records, columns)))
+columns = ["method", "judge", "harmful_score", "empty", "n_prompts"]  # empty: % of empty answers (never safe)
+rows = write_seeded_results(study["records"], "01_alignment", params.profile, by=["method", "judge"],
+                            metrics=["harmful_score", "empty"], columns=columns)
+table = pd.DataFrame(rows)
+display(Markdown(markdown_table(rows, [*columns, "n_seeds"])))
 
 # %%
 pivot = table.pivot(index="method", columns="judge", values="harmful_score").reindex(
@@ -73,7 +77,7 @@ pivot
 
 # %%
 fig = plots.harmful_score_by_method(
-    table, f"Harmful score by alignment method ({params.profile}, {records[0]['n']} unsafe test prompts)")
+    table, f"Harmful score by alignment method ({params.profile}, {rows[0]['n_prompts']} unsafe test prompts)")
 plots.save(fig, "01_harmful_score_by_method", params.profile)
 
 # %% [markdown]
@@ -88,5 +92,6 @@ pd.DataFrame(examples)
 
 # %%
 plots.check_saved(["01_harmful_score_by_method"], params.profile)
-assert {r["judge"] for r in records} == set(params.judges.enabled)
+assert {r["judge"] for r in rows} == set(params.judges.enabled)
+assert {s for r in rows for s in r["seeds"]} == set(params.seeds)
 print("01_alignment: table and figure written; stages built in this run:", run.built_summary())

@@ -22,6 +22,10 @@
 #   instead of harmful ones);
 # * every alignment method (and the unaligned base) at one ratio;
 # * DPO on SST-2 across mixture sizes n at a fixed ratio.
+#
+# The headline rows (DPO on SST-2 at every ratio, on every task at p = 0.1, with the clean controls) are trained at
+# every training seed of `params.seeds` and reported as mean ± sd; the other rows at the first seed, with a 95 %
+# bootstrap interval over prompts.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
@@ -32,20 +36,22 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 
 params = load_params(params_file)
 run = Run(params.profile)
 a = params.attack
-print(f"profile {params.profile}: n={a.n}, ratios {a.poison_ratios}, sizes {a.sizes}, tasks {a.tasks}")
+print(f"profile {params.profile}: n={a.n}, ratios {a.poison_ratios}, sizes {a.sizes}, tasks {a.tasks}, "
+      f"training seeds {params.seeds}")
 
 # %% [markdown]
 # Every attacked model, in the order of `stages.attack.attack_points`: DPO on every task at every ratio with the
 # clean control (safe rows instead of harmful ones); every other alignment method (and the unaligned base) on
 # SST-2 at `attack.methods_ratio`; DPO on SST-2 at every other mixture size. Each is trained, then measured:
-# harmful score (primary judge) and task accuracy (`stages.evaluate.measure`).
+# harmful score (primary judge) and task accuracy (`stages.evaluate.measure`); `stages.attack.headline_points` at
+# every training seed.
 
 # %%
 study = notebooks.harmful_finetuning(params, run)
@@ -55,14 +61,17 @@ records = study["records"]
 # ## Before the attack: the DPO-aligned model on each task
 
 # %%
-pd.DataFrame(study["before"])
+pd.DataFrame(write_seeded_results(study["before"], "02_before_attack", params.profile, by=["task", "method"],
+                                  metrics=["accuracy", "accuracy_strict"]))
 
 # %%
-table = pd.DataFrame(records)
 columns = ["task", "method", "variant", "poison_ratio", "n", "harmful_size", "harmful_score", "empty", "accuracy",
            "accuracy_strict"]
-write_results(records, "02_harmful_finetuning", params.profile, columns=columns)
-display(Markdown(markdown_table(records, columns)))
+rows = write_seeded_results(records, "02_harmful_finetuning", params.profile,
+                            by=["task", "method", "variant", "poison_ratio", "n"],
+                            metrics=["harmful_score", "empty", "accuracy", "accuracy_strict"], columns=columns)
+table = pd.DataFrame(rows)
+display(Markdown(markdown_table(rows, [*columns, "n_seeds"])))
 
 # %%
 fig = plots.attack_by_ratio(table[(table.method == "dpo") & (table.variant == "poisoned") & (table.n == a.n)],

@@ -19,7 +19,8 @@
 # option `expo.mode: factor_scaling` reproduces the reference code, both factors × 2α). Only adapter files are
 # read and written. α is chosen per method on a **validation slice** of unsafe prompts disjoint from the test
 # slice; the table reports the test-slice harmful score of every α, with α = 0 the un-extrapolated model
-# (paper mode).
+# (paper mode). α is chosen again at every training seed (the headline table: mean ± sd over seeds); the curve's
+# test scores are the first seed's, its validation scores every seed's.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
@@ -30,7 +31,7 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 from nlsr_lib.stages.expo import expo_alphas
@@ -45,25 +46,26 @@ print(f"profile {params.profile}: mode {params.expo.mode}, alphas {expo_alphas(p
 # **reference** stage, the lowest validation score (ties: the smallest α), which notebooks 04–07 use.
 
 # %%
-records = notebooks.safety_reference(params, run)["records"]
-table = pd.DataFrame(records)
+study = notebooks.safety_reference(params, run)
 columns = ["method", "alpha", "mode", "val_harmful_score", "harmful_score", "empty", "chosen"]
-write_results(records, "03_safety_reference", params.profile, columns=columns)
+rows = write_seeded_results(study["records"], "03_safety_reference", params.profile, by=["method", "alpha"],
+                            metrics=["val_harmful_score", "harmful_score", "empty"], columns=columns)
+table = pd.DataFrame(rows)
 
 # %% [markdown]
-# ## The EXPO table: the un-extrapolated model and the chosen α per method (test slice)
+# ## The EXPO table: the un-extrapolated model and the chosen α per method (test slice), over training seeds
+# `alpha` lists the α chosen at each seed; `change` = expo − aligned, per seed, then averaged.
 
 # %%
-summary = []
-for method, rows in table.groupby("method", sort=False):
-    base_row = rows[rows.alpha == identity].iloc[0]
-    best = rows[rows.chosen].iloc[0]
-    summary.append({"method": method, "aligned": base_row.harmful_score, "alpha": best.alpha,
-                    "expo": best.harmful_score, "change": round(best.harmful_score - base_row.harmful_score, 2)})
-display(Markdown(markdown_table(summary)))
+chosen = write_seeded_results(study["chosen"], "03_expo_chosen", params.profile, by=["method"],
+                              metrics=["aligned", "expo", "change"], columns=["method", "alpha", "aligned", "expo",
+                                                                             "change"])
+display(Markdown(markdown_table(chosen, ["method", "alpha", "aligned", "expo", "change", "n_seeds"])))
 
 # %%
-fig = plots.expo_alpha_sweep(table, identity, f"EXPO ({params.expo.mode} mode): harmful score vs α ({params.profile})")
+first = pd.DataFrame([r for r in study["records"] if r["seed"] == params.seeds[0]])  # the test curve is one seed's
+fig = plots.expo_alpha_sweep(first, identity, f"EXPO ({params.expo.mode} mode): harmful score vs α "
+                                              f"({params.profile}, seed {params.seeds[0]})")
 plots.save(fig, "03_harmful_score_vs_alpha", params.profile)
 
 # %%

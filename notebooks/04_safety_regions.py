@@ -25,6 +25,7 @@
 #   set-difference variants (top-q safety minus top-p utility) and a seeded `random` control.
 #
 # Row-wise scorers keep ⌈(1 − s)·n⌉ entries of every row, so on rows of r entries the density is ⌈(1 − s)·r⌉ / r.
+# Masks are computed at every training seed (each seed's own references); the density map is the first seed's.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
@@ -55,35 +56,17 @@ def reference_label(ref) -> str:
     return f"expo/{params.expo.mode}/{ref.tag.removeprefix('reference/')}/alpha{chosen_alpha(ref):g}"
 
 # %% [markdown]
-# ## Calibration set of the EXPO-DPO reference
+# ## Calibration set of the EXPO-DPO reference (first training seed)
 
 # %%
 reference = study["reference"]
 display(pd.DataFrame([{"reference": reference_label(reference), **study["calibration"]}]))
 
 # %% [markdown]
-# ## A mask for every scorer on the EXPO-DPO reference
-
-# %%
-masks, records = {}, []
-for scorer, artifact in study["masks"].items():
-    masks[scorer] = load_stage_mask(artifact)
-    records.append({"scorer": scorer, "reference": reference_label(reference), "mask_sparsity": r.mask_sparsity,
-                    "density": overall_density(masks[scorer])})
-
-# %% [markdown]
-# ## The low-rank mask of every alignment method's reference
-
-# %%
-method_masks = {}
-for method, artifact in study["method_masks"].items():
-    method_masks[method] = load_stage_mask(artifact)
-    records.append({"scorer": "low_rank", "reference": reference_label(study["method_refs"][method]),
-                    "mask_sparsity": r.mask_sparsity, "density": overall_density(method_masks[method])})
-display(Markdown(markdown_table(records)))
-
-# %% [markdown]
-# ## Neuron overlap: Jaccard between scorers and between alignment methods
+# ## Masks at every training seed: every scorer on the EXPO-DPO reference, the low-rank mask of every method's
+# reference, and the neuron overlap (Jaccard) between them
+# Each training seed has its own aligned adapters, so its own references (α chosen again) and masks; the tables
+# report mean ± sd over seeds, the heatmaps the mean Jaccard matrix.
 
 # %%
 def overlaps(named: dict) -> tuple[pd.DataFrame, list[dict]]:
@@ -93,18 +76,38 @@ def overlaps(named: dict) -> tuple[pd.DataFrame, list[dict]]:
     return matrix, pairs
 
 
-scorer_matrix, scorer_pairs = overlaps(masks)
-method_matrix, method_pairs = overlaps(method_masks)
-overlap_table = [{"kind": "scorers", **p} for p in scorer_pairs] + [{"kind": "methods", **p} for p in method_pairs]
-write_results(records, "04_safety_regions", params.profile,
-              columns=["scorer", "reference", "mask_sparsity", "density"])
-write_results(overlap_table, "04_overlap", params.profile, columns=["kind", "a", "b", "jaccard"])
-display(Markdown(markdown_table(overlap_table)))
+records, overlap_records, matrices = [], [], {"scorers": [], "methods": []}
+for seed, replica in study["replicates"].items():
+    sets = {"scorers": {scorer: load_stage_mask(a) for scorer, a in replica["masks"].items()},
+            "methods": {method: load_stage_mask(a) for method, a in replica["method_masks"].items()}}
+    if seed == params.seeds[0]:
+        masks = sets["scorers"]
+    references = {"scorers": {scorer: replica["reference"] for scorer in sets["scorers"]},
+                  "methods": replica["method_refs"]}
+    for kind, named in sets.items():
+        records += [{"kind": kind, "scorer": name if kind == "scorers" else "low_rank",
+                     "reference": references[kind][name].tag.removeprefix("reference/"),
+                     "alpha": chosen_alpha(references[kind][name]), "mask_sparsity": r.mask_sparsity,
+                     "density": overall_density(mask), "seed": seed} for name, mask in named.items()]
+        matrix, pairs = overlaps(named)
+        matrices[kind].append(matrix)
+        overlap_records += [{"kind": kind, **pair, "seed": seed} for pair in pairs]
+rows = write_seeded_results(records, "04_safety_regions", params.profile, by=["kind", "scorer", "reference"],
+                            metrics=["density"], columns=["kind", "scorer", "reference", "alpha", "mask_sparsity",
+                                                          "density"])
+display(Markdown(markdown_table(rows, ["kind", "scorer", "reference", "alpha", "density", "n_seeds"])))
+overlap = write_seeded_results(overlap_records, "04_overlap", params.profile, by=["kind", "a", "b"],
+                               metrics=["jaccard"], columns=["kind", "a", "b", "jaccard"])
+display(Markdown(markdown_table(overlap, ["kind", "a", "b", "jaccard", "n_seeds"])))
 
 # %%
-fig = plots.overlap_heatmap(scorer_matrix, f"Mask overlap between scorers (EXPO-DPO reference, {params.profile})")
+n = len(params.seeds)
+mean_matrix = {kind: sum(ms) / len(ms) for kind, ms in matrices.items()}
+fig = plots.overlap_heatmap(mean_matrix["scorers"], f"Mask overlap between scorers (EXPO-DPO reference, "
+                                                    f"{params.profile}, mean over {n} seeds)")
 plots.save(fig, "04_overlap_scorers", params.profile)
-fig = plots.overlap_heatmap(method_matrix, f"Low-rank mask overlap between alignment methods ({params.profile})")
+fig = plots.overlap_heatmap(mean_matrix["methods"], f"Low-rank mask overlap between alignment methods "
+                                                    f"({params.profile}, mean over {n} seeds)")
 plots.save(fig, "04_overlap_methods", params.profile)
 
 # %% [markdown]

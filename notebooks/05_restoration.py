@@ -26,7 +26,8 @@
 #   continues the aligned one, so the spec's SafeLoRA also projects the alignment itself).
 #
 # Rows: `aligned` is the model before the attack. Harmful score on the test slice (primary judge) and the task's
-# accuracy (the paper's lenient rule).
+# accuracy (the paper's lenient rule). The headline attacks (DPO on SST-2 at every ratio, every task at p = 0.1)
+# are defended at every training seed (mean ± sd); the other methods' rows at the first seed.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
@@ -37,7 +38,7 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 
@@ -52,10 +53,11 @@ print(f"profile {params.profile}: defences {list(params.restore.defences)}, stra
 
 # %%
 study = notebooks.restoration(params, run)  # each attacked adapter: the aligned row, then one row per defence
-records = study["records"]
-table = pd.DataFrame(records)
-write_results(records, "05_restoration", params.profile,
-              columns=["task", "method", "poison_ratio", "defense", "harmful_score", "empty", "accuracy"])
+rows = write_seeded_results(study["records"], "05_restoration", params.profile,
+                            by=["task", "method", "poison_ratio", "defense"],
+                            metrics=["harmful_score", "empty", "accuracy"],
+                            columns=["task", "method", "poison_ratio", "defense", "harmful_score", "empty", "accuracy"])
+table = pd.DataFrame(rows)
 
 # %% [markdown]
 # ## The main table: DPO on SST-2

@@ -29,7 +29,8 @@
 #
 # Each task alone, then the three tasks together (multi-task fusion). `aligned` is the model before the attack,
 # `none` the attacked adapter unfused. Harmful score on the test slice (primary judge); accuracy is the mean over
-# the fused tasks (the paper's lenient rule).
+# the fused tasks (the paper's lenient rule). Single-task fusions (the headline table) at every training seed,
+# mean ± sd; the multi-task fusion at the first seed.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check
@@ -40,7 +41,8 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.intervals import aggregate
+from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 from nlsr_lib.stages.fusion import fusion_names
@@ -58,9 +60,10 @@ print(f"profile {params.profile}: {f.method} adapters attacked at p = {f.poison_
 # %%
 study = notebooks.model_fusion(params, run)
 records = study["records"]
-table = pd.DataFrame(records)
-write_results(records, "06_model_fusion", params.profile,
-              columns=["fusion", "inputs", "harmful_score", "empty", "accuracy"])
+metrics = ["harmful_score", "empty", "accuracy", *(f"accuracy_{task}" for task in params.attack.tasks)]
+rows = write_seeded_results(records, "06_model_fusion", params.profile, by=["fusion", "inputs"], metrics=metrics,
+                            columns=["fusion", "inputs", "harmful_score", "empty", "accuracy"])
+table = pd.DataFrame(rows)
 
 # %% [markdown]
 # ## Results: harmful score | mean accuracy per fusion and set of inputs
@@ -75,19 +78,25 @@ plots.save(fig, "06_fusion_scatter", params.profile)
 # ## Region fusion against plain task arithmetic
 #
 # The region variants restrict the `fusion.region_operator` update, so they are compared with that operator at
-# comparable accuracy (within 5 points): Δ harm < 0 means the region made the fusion safer.
+# comparable accuracy (within 5 points): Δ harm < 0 means the region made the fusion safer. Differences are taken
+# per seed (paired: the same attacked adapters), then averaged (mean ± sd).
 
 # %%
-base = table[table.fusion == f.region_operator].set_index("inputs")
-regions = table[table.fusion.map(plots.fusion_family).isin(["safety region", "learned mask"])].copy()
-regions["delta_harm_vs_operator"] = regions.apply(lambda r: r.harmful_score - base.loc[r.inputs, "harmful_score"],
-                                                  axis=1)
-regions["delta_accuracy_vs_operator"] = regions.apply(lambda r: r.accuracy - base.loc[r.inputs, "accuracy"], axis=1)
-regions["safer_at_comparable_accuracy"] = (regions.delta_harm_vs_operator < 0) & \
-    (regions.delta_accuracy_vs_operator >= -5)
-display(Markdown(markdown_table(regions[["fusion", "inputs", "harmful_score", "accuracy", "delta_harm_vs_operator",
-                                         "delta_accuracy_vs_operator", "safer_at_comparable_accuracy"]]
-                                .round(1).to_dict("records"))))
+per_seed = pd.DataFrame(records)
+base = per_seed[per_seed.fusion == f.region_operator].set_index(["inputs", "seed"])
+regions = per_seed[per_seed.fusion.map(plots.fusion_family).isin(["safety region", "learned mask"])].copy()
+regions["delta_harm_vs_operator"] = regions.apply(
+    lambda r: r.harmful_score - base.loc[(r.inputs, r.seed), "harmful_score"], axis=1)
+regions["delta_accuracy_vs_operator"] = regions.apply(
+    lambda r: r.accuracy - base.loc[(r.inputs, r.seed), "accuracy"], axis=1)
+deltas = aggregate(regions[["fusion", "inputs", "seed", "harmful_score", "accuracy", "delta_harm_vs_operator",
+                            "delta_accuracy_vs_operator"]].to_dict("records"), by=["fusion", "inputs"],
+                   metrics=["harmful_score", "accuracy", "delta_harm_vs_operator", "delta_accuracy_vs_operator"])
+for row in deltas:
+    row["safer_at_comparable_accuracy"] = (row["delta_harm_vs_operator"] < 0
+                                           and row["delta_accuracy_vs_operator"] >= -5)
+display(Markdown(markdown_table(deltas, ["fusion", "inputs", "harmful_score", "accuracy", "delta_harm_vs_operator",
+                                         "delta_accuracy_vs_operator", "safer_at_comparable_accuracy", "n_seeds"])))
 
 # %% [markdown]
 # ## The learned mask's training: DPO loss and keep rate per step

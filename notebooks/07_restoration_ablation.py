@@ -30,7 +30,8 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.intervals import aggregate
+from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 from nlsr_lib.stages.ablation import ABLATIONS
@@ -46,19 +47,21 @@ study = notebooks.restoration_ablation(params, run)
 # ## Baselines: the aligned adapter and the attacked one (no defence)
 
 # %%
-baselines = pd.DataFrame(study["baselines"])
+baselines = pd.DataFrame(aggregate(study["baselines"], by=["defense"], metrics=["harmful_score", "empty", "accuracy"]))
 display(baselines.round(1))
 
 # %% [markdown]
 # ## Every ablation point
 
 # %%
-records = study["records"]
-table = pd.DataFrame(records)
-write_results(records, "07_restoration_ablation", params.profile,
-              columns=["ablation", "value", "defense", "harmful_score", "empty", "accuracy", "restored_modules",
-                       "modules"])
-display(Markdown(markdown_table(table.round(1).to_dict("records"))))
+# One training seed (the first): each number carries a 95 % bootstrap interval over the prompts.
+
+columns = ["ablation", "value", "defense", "harmful_score", "empty", "accuracy", "restored_modules", "modules"]
+rows = write_seeded_results(study["records"], "07_restoration_ablation", params.profile,
+                            by=["ablation", "value", "defense"], metrics=["harmful_score", "empty", "accuracy"],
+                            columns=columns)
+table = pd.DataFrame(rows)
+display(Markdown(markdown_table(rows, columns)))
 
 # %% [markdown]
 # ## Numeric ablations

@@ -274,3 +274,31 @@ def test_beaver_dam_tokenizer_slow_and_fast_agree(tmp_path):
         assert ids == [1] + slow(text, add_special_tokens=False)["input_ids"], text
         assert ids == [1] + sp.encode(text.removesuffix("</s>")) + eos, text  # LLaMA's slow tokenizer
         assert fast.decode(ids, skip_special_tokens=True) == text.removesuffix("</s>")
+
+
+def test_judging_is_deterministic_across_runs_and_batch_sizes(tmp_path):
+    """Issue 18: two runs at one batch size give bit-identical probabilities; other batch sizes change only which
+    texts share a padded batch (fp32 sums in another order, ≤ 1e-6) and give the same verdicts."""
+    tok, model = _spread_classifier(tmp_path)
+    prompts, responses = _texts(40, 4), _texts(40, 5)
+
+    def run(batch_size, threshold=0.5):
+        judge = ModerationJudge(model, tok, threshold=threshold, max_length=48, batch_size=batch_size)
+        texts = judge.texts(prompts, responses)
+        return judge.probabilities(texts), judge.judge(prompts, responses)
+
+    top = run(8)[0].max(dim=1).values.sort().values
+    threshold = float(top[19] + top[20]) / 2  # half the texts flagged
+    assert float(top[20] - top[19]) > 1e-5  # none near the threshold
+
+    def run_at(batch_size):
+        return run(batch_size, threshold)
+
+    first, again = run_at(8), run_at(8)
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    flags = [v.flagged for v in first[1]]
+    assert 0 < sum(flags) < len(flags)  # not vacuous
+    for batch_size in (1, 7, 40):
+        probs, verdicts = run_at(batch_size)
+        assert torch.allclose(probs, first[0], rtol=0, atol=1e-6)
+        assert [(v.flagged, v.categories) for v in verdicts] == [(v.flagged, v.categories) for v in first[1]]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from nlsr_lib.config import load_params
 from nlsr_lib.paths import figures_dir, results_dir, runs_dir
 from nlsr_lib.reproduce import NOTEBOOKS_DIR, NotebookFailure, reproduce
 
@@ -76,6 +77,7 @@ def sequential_home(tmp_path_factory):
 
 def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     monkeypatch.setenv("NLSR_HOME", str(sequential_home))
+    params = load_params("params/smoke.yaml")
     attack = json.loads((results_dir("smoke") / "02_harmful_finetuning.json").read_text())
     required = {"task", "method", "poison_ratio", "harmful_size", "harmful_score", "accuracy", "accuracy_strict"}
     assert all(required <= set(r) for r in attack)
@@ -84,14 +86,28 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     assert {r["variant"] for r in attack} == {"poisoned", "clean"}
     expo = json.loads((results_dir("smoke") / "03_safety_reference.json").read_text())
     assert all({"method", "alpha", "mode", "harmful_score", "chosen"} <= set(r) for r in expo)
-    for method in ("sft", "dpo"):
-        rows = [r for r in expo if r["method"] == method]
-        assert sum(r["chosen"] for r in rows) == 1 and any(r["alpha"] == 0.0 for r in rows)
+    expo_seeds = json.loads((results_dir("smoke") / "03_safety_reference_seeds.json").read_text())
+    for method in ("sft", "dpo"):  # at every seed one α is chosen, and the un-extrapolated α is measured
+        for seed in params.seeds:
+            rows = [r for r in expo_seeds if r["method"] == method and r["seed"] == seed]
+            assert sum(r["chosen"] for r in rows) == 1 and any(r["alpha"] == 0.0 for r in rows)
+    chosen = json.loads((results_dir("smoke") / "03_expo_chosen.json").read_text())
+    assert {r["method"] for r in chosen} == set(params.expo.methods) and all(r["n_seeds"] == 2 for r in chosen)
     regions = json.loads((results_dir("smoke") / "04_safety_regions.json").read_text())
-    assert all({"scorer", "reference", "mask_sparsity", "density"} <= set(r) for r in regions)
+    assert all({"scorer", "reference", "mask_sparsity", "density", "density_sd", "n_seeds"} <= set(r) for r in regions)
     assert {r["scorer"] for r in regions} >= {"low_rank", "wanda", "snip", "preference_snip", "random"}
     low_rank = [r for r in regions if r["scorer"] == "low_rank"]
     assert len(low_rank) == 1 + 2 and all(0 < r["density"] < 1 for r in regions)  # dpo twice: scorer + method rows
+    # every table: per-seed records carry their seed; headline rows are aggregated over both smoke seeds
+    for name in ("02_harmful_finetuning", "03_safety_reference", "04_safety_regions", "04_overlap", "05_restoration",
+                 "06_model_fusion", "07_restoration_ablation"):
+        per_seed = json.loads((results_dir("smoke") / f"{name}_seeds.json").read_text())
+        assert per_seed and all(r["seed"] in params.seeds for r in per_seed), name
+        assert all(r["n_seeds"] >= 1 for r in json.loads((results_dir("smoke") / f"{name}.json").read_text())), name
+    headline = [r for r in attack if r["method"] == "dpo" and r["task"] == "sst2" and r["n"] == params.attack.n]
+    assert headline and all(r["n_seeds"] == 2 and "harmful_score_sd" in r for r in headline)
+    single = [r for r in attack if r["method"] == "kto"]
+    assert single and all(r["n_seeds"] == 1 and "harmful_score_lo" in r for r in single)
     overlap = json.loads((results_dir("smoke") / "04_overlap.json").read_text())
     assert all(0.0 <= r["jaccard"] <= 1.0 for r in overlap) and {r["kind"] for r in overlap} == {"scorers", "methods"}
     restored = json.loads((results_dir("smoke") / "05_restoration.json").read_text())

@@ -116,3 +116,12 @@ def attack_points(params: Params) -> list[AttackPoint]:
         points.append(AttackPoint(method, "sst2", a.methods_ratio, a.n))
     points += [AttackPoint("dpo", "sst2", a.size_sweep_ratio, n) for n in a.sizes if n != a.n]
     return points
+
+
+def headline_points(params: Params) -> list[AttackPoint]:
+    """The attacked models of the headline tables, run at every training seed (:mod:`nlsr_lib.seeds`): DPO at
+    ``attack.n`` on every task at ``size_sweep_ratio`` (the paper's p = 0.1) with its clean control, and on
+    SST-2 at every ratio; in :func:`attack_points` order."""
+    a = params.attack
+    return [point for point in attack_points(params)
+            if point.method == "dpo" and point.n == a.n and (point.task == "sst2" or point.p == a.size_sweep_ratio)]

@@ -160,7 +160,7 @@ def generations_count(run: Run, generations: Artifact) -> int:
 
 
 def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> list[dict] | None:
-    """One record per enabled judge: ``{method, judge, slice, harmful_score, empty, n, primary}`` (``empty``: the
+    """One record per enabled judge: ``{method, judge, slice, harmful_score, empty, n_prompts, primary}`` (``empty``: the
     share of empty responses, %, reported beside the score so that a silent model never reads as safe)."""
     generations = generations_stage(params, run, model, slice_name)
     name = model.tag if isinstance(model, ModelRef) else model
@@ -171,19 +171,21 @@ def harmful_scores(params: Params, run: Run, model: ModelRef | str, slice_name: 
     for judge_name, artifact in judged.items():
         summary = artifact.manifest()["summary"]
         records.append({"method": name, "judge": judge_name, "slice": slice_name,
-                        "harmful_score": summary["harmful_score"], "empty": summary["empty"], "n": summary["n"],
+                        "harmful_score": summary["harmful_score"], "empty": summary["empty"],
+                        "n_prompts": summary["n"],
                         "primary": judge_name == params.judges.primary})
     return records
 
 
 def primary_safety(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> dict[str, float]:
     """The primary judge's ``harmful_score`` (%) of ``model`` on a slice of the unsafe prompts, with ``empty``, the
-    share (%) of empty responses, for a table row (``{}`` under a planning run)."""
+    share (%) of empty responses, and ``n_prompts`` (the count both rates are over), for a table row (``{}`` under
+    a planning run)."""
     records = harmful_scores(params, run, model, slice_name)
     if records is None:
         return {}
     record = next(r for r in records if r["primary"])
-    return {"harmful_score": record["harmful_score"], "empty": record["empty"]}
+    return {"harmful_score": record["harmful_score"], "empty": record["empty"], "n_prompts": record["n_prompts"]}
 
 
 def primary_harmful_score(params: Params, run: Run, model: ModelRef | str, slice_name: str = "test") -> float | None:
@@ -242,7 +244,8 @@ def task_accuracy(params: Params, run: Run, ref: ModelRef, task: str) -> float |
 def measure(params: Params, run: Run, ref: ModelRef | str, tasks: Sequence[str] = (), strict: bool = False,
             per_task: bool = False) -> dict:
     """A table row's measurements of one model: the primary judge's harmful score and ``empty`` share on the test
-    slice, and its task accuracy: ``accuracy`` (and ``accuracy_strict`` with ``strict``) of its one task, or with
+    slice (over ``n_prompts``), and its task accuracy (over ``n_task`` / ``n_task_<task>`` rows): ``accuracy``
+    (and ``accuracy_strict`` with ``strict``) of its one task, or with
     ``per_task`` (or several tasks) ``accuracy_<task>`` of each and their mean ``accuracy``. ``{}`` under a
     planning run."""
     ref = as_ref(params, run, ref)
@@ -257,9 +260,11 @@ def measure(params: Params, run: Run, ref: ModelRef | str, tasks: Sequence[str] 
         row["accuracy"] = summary["accuracy"]
         if strict:
             row["accuracy_strict"] = summary["accuracy_strict"]
+        row["n_task"] = summary["n"]
     elif tasks:
         accuracies = {f"accuracy_{t}": s["accuracy"] for t, s in summaries.items()}
-        row = {**row, "accuracy": sum(accuracies.values()) / len(accuracies), **accuracies}
+        row = {**row, "accuracy": sum(accuracies.values()) / len(accuracies), **accuracies,
+               **{f"n_task_{t}": s["n"] for t, s in summaries.items()}}
     return row
 
 

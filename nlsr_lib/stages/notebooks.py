@@ -14,9 +14,10 @@ from typing import Any, Callable
 from ..config import Params
 from ..registry import Registry
 from ..runs import Run
+from ..seeds import replicates, seeds_for, with_training_seed
 from . import ablation as ablations
 from .align import align_stage, aligned_adapter_ref
-from .attack import attack_points, attack_stage, harmful_count
+from .attack import attack_points, attack_stage, harmful_count, headline_points
 from .evaluate import (generations_stage, harmful_scores, measure, primary_harmful_score, primary_safety,
                        task_accuracy_stage)
 from .expo import expo_alphas, expo_stage, reference_stage
@@ -28,72 +29,95 @@ from .world import base_model_stage, moderation_stage
 NOTEBOOK_STAGES: Registry[Callable[[Params, Run], dict[str, Any]]] = Registry("notebook")
 
 
+def first_replicate(params: Params) -> Params:
+    """The replicate of the first training seed: what a single-seed table (and a figure of one run) reads."""
+    return with_training_seed(params, params.seeds[0])
+
+
 def _summary(run: Run, artifact) -> dict | None:
     return None if run.planning else artifact.manifest()["summary"]
 
 
 @NOTEBOOK_STAGES.register("01")
 def alignment(params: Params, run: Run) -> dict[str, Any]:
-    """Notebook 01: the base model, the moderation judge, every aligned adapter and each model's harmful score per
-    judge (``records``), with the generations of each model (``generations``, for examples)."""
+    """Notebook 01 (headline, every training seed): the base model, the moderation judge, every aligned adapter
+    (``aligned``: one row per method and seed) and each model's harmful score per judge (``records``, with
+    ``seed``; the base is the same model at every seed), with the first seed's generations (``generations``)."""
     base, moderation = base_model_stage(params, run), moderation_stage(params, run)
-    aligned = {m: align_stage(params, run, m) for m in params.alignment.methods}
     names = ("base", *params.alignment.methods)
-    records = []
-    for name in names:
-        records += harmful_scores(params, run, name, "test") or []
-    generations = {name: generations_stage(params, run, name, "test") for name in names}
-    return {"base": _summary(run, base), "moderation": _summary(run, moderation),
-            "aligned": {m: _summary(run, a) for m, a in aligned.items()}, "records": records,
-            "generations": generations}
+    aligned, records = [], []
+    for seed, replica in replicates(params):
+        trained = {m: align_stage(replica, run, m) for m in params.alignment.methods}
+        aligned += [{"method": m, "seed": seed, **(_summary(run, a) or {})} for m, a in trained.items()]
+        for name in names:
+            records += [{**r, "seed": seed} for r in harmful_scores(replica, run, name, "test") or []]
+    first = first_replicate(params)
+    generations = {name: generations_stage(first, run, name, "test") for name in names}
+    return {"base": _summary(run, base), "moderation": _summary(run, moderation), "aligned": aligned,
+            "records": records, "generations": generations}
 
 
 @NOTEBOOK_STAGES.register("02")
 def harmful_finetuning(params: Params, run: Run) -> dict[str, Any]:
-    """Notebook 02: the DPO adapter's accuracy on each task before the attack (``before``) and every attacked model
-    of :func:`~nlsr_lib.stages.attack.attack_points` with its harmful score and task accuracy (``records``)."""
+    """Notebook 02: the DPO adapter's accuracy on each task before the attack (``before``, every seed) and every
+    attacked model of :func:`~nlsr_lib.stages.attack.attack_points` with its harmful score and task accuracy
+    (``records``): the headline points (:func:`~nlsr_lib.stages.attack.headline_points`) at every training seed,
+    the others at the first."""
     before = []
-    for method in ("dpo",):
-        ref = aligned_adapter_ref(params, run, method)
-        for task in params.attack.tasks:
-            acc = _summary(run, task_accuracy_stage(params, run, ref, task))
-            if acc is not None:
-                before.append({"task": task, "method": method, "accuracy": acc["accuracy"],
-                               "accuracy_strict": acc["accuracy_strict"]})
+    headline = set(headline_points(params))
     records = []
-    for point in attack_points(params):
-        row = measure(params, run, point.ref(params, run), (point.task,), strict=True)
-        records.append({"task": point.task, "method": point.method, "variant": point.variant,
-                        "poison_ratio": point.p, "n": point.n, "harmful_size": harmful_count(point.n, point.p,
-                                                                                             point.variant), **row})
+    for seed, replica in replicates(params):
+        ref = aligned_adapter_ref(replica, run, "dpo")
+        for task in params.attack.tasks:
+            acc = _summary(run, task_accuracy_stage(replica, run, ref, task))
+            if acc is not None:
+                before.append({"task": task, "method": "dpo", "seed": seed, "accuracy": acc["accuracy"],
+                               "accuracy_strict": acc["accuracy_strict"], "n_task": acc["n"]})
+        for point in attack_points(params):
+            if seed not in seeds_for(params, point in headline):
+                continue
+            row = measure(replica, run, point.ref(replica, run), (point.task,), strict=True)
+            records.append({"task": point.task, "method": point.method, "variant": point.variant,
+                            "poison_ratio": point.p, "n": point.n,
+                            "harmful_size": harmful_count(point.n, point.p, point.variant), "seed": seed, **row})
     return {"before": before, "records": records}
 
 
 @NOTEBOOK_STAGES.register("03")
 def safety_reference(params: Params, run: Run) -> dict[str, Any]:
-    """Notebook 03: every EXPO candidate of every method with its validation and test harmful scores; ``chosen``
-    marks the α of the method's reference stage (the lowest validation score)."""
-    records = []
-    for method in params.expo.methods:
-        rows = []
-        for alpha in expo_alphas(params):
-            ref = expo_stage(params, run, method, alpha)
-            rows.append({"method": method, "alpha": alpha, "mode": params.expo.mode,
-                         "val_harmful_score": primary_harmful_score(params, run, ref, "val"),
-                         **primary_safety(params, run, ref, "test")})
-        reference = reference_stage(params, run, method)
-        if not run.planning:
+    """Notebook 03: every EXPO candidate of every method with its validation harmful score (every seed) and its
+    test score (first seed), ``chosen`` marking the α of the method's reference stage (``records``); and per seed
+    and method the headline comparison (``chosen``): the test harmful score of the un-extrapolated model
+    (``aligned``) and of the reference (``expo``) at the α chosen on the validation slice."""
+    identity = 0.0 if params.expo.mode == "paper" else 0.5
+    records, chosen_rows = [], []
+    for seed, replica in replicates(params):
+        curve = seed in seeds_for(params, headline=False)
+        for method in params.expo.methods:
+            rows = []
+            for alpha in expo_alphas(params):
+                ref = expo_stage(replica, run, method, alpha)
+                row = {"method": method, "alpha": alpha, "mode": params.expo.mode, "seed": seed,
+                       "val_harmful_score": primary_harmful_score(replica, run, ref, "val")}
+                if curve or alpha == identity:
+                    row.update(primary_safety(replica, run, ref, "test"))
+                rows.append(row)
+            reference = reference_stage(replica, run, method)
+            expo = primary_safety(replica, run, reference, "test")
+            if run.planning:
+                continue
             from .expo import chosen_alpha
 
-            chosen = chosen_alpha(reference)
-            records += [{**r, "chosen": r["alpha"] == chosen} for r in rows]
-    return {"records": records}
+            alpha = chosen_alpha(reference)
+            records += [{**r, "chosen": r["alpha"] == alpha} for r in rows]
+            aligned = next(r for r in rows if r["alpha"] == identity)
+            chosen_rows.append({"method": method, "seed": seed, "alpha": alpha,
+                                "aligned": aligned["harmful_score"], "expo": expo["harmful_score"],
+                                "change": expo["harmful_score"] - aligned["harmful_score"]})
+    return {"records": records, "chosen": chosen_rows}
 
 
-@NOTEBOOK_STAGES.register("04")
-def safety_regions(params: Params, run: Run) -> dict[str, Any]:
-    """Notebook 04: the EXPO-DPO reference, its calibration data, a mask per scorer of ``regions.scorers``
-    (``masks``) and the low-rank mask of every method's reference (``method_masks``), as mask artifacts."""
+def _regions_of(params: Params, run: Run) -> dict[str, Any]:
     reference = reference_stage(params, run, "dpo")
     calibration = calibration_stage(params, run, reference)
     masks = {scorer: mask_stage(params, run, reference, scorer) for scorer in params.regions.scorers}
@@ -103,34 +127,49 @@ def safety_regions(params: Params, run: Run) -> dict[str, Any]:
             "method_refs": method_refs, "method_masks": method_masks}
 
 
-def _defend_all(params: Params, run: Run, method: str, task: str, p: float) -> list[dict]:
+@NOTEBOOK_STAGES.register("04")
+def safety_regions(params: Params, run: Run) -> dict[str, Any]:
+    """Notebook 04 (every training seed: masks are cheap, the references exist for notebook 03): per seed
+    (``replicates``), the EXPO-DPO reference, its calibration data, a mask per scorer of ``regions.scorers``
+    (``masks``) and the low-rank mask of every method's reference (``method_masks``), as mask artifacts; the first
+    seed's at the top level."""
+    replicas = {seed: _regions_of(replica, run) for seed, replica in replicates(params)}
+    return {**replicas[params.seeds[0]], "replicates": replicas}
+
+
+def _defend_all(params: Params, run: Run, method: str, task: str, p: float, seed: int) -> list[dict]:
     """The aligned row and one row per defence of the ``method`` adapter attacked on ``task`` at ratio ``p``."""
+    where = {"task": task, "method": method, "poison_ratio": p, "seed": seed}
     aligned = aligned_adapter_ref(params, run, method)
-    rows = [{"task": task, "method": method, "poison_ratio": p, "defense": "aligned",
-             **measure(params, run, aligned, (task,))}]
+    rows = [{**where, "defense": "aligned", **measure(params, run, aligned, (task,))}]
     attacked = attack_stage(params, run, method, task, p)
     for defence in defence_names(params):
         ref = defence_stage(params, run, attacked, method, defence)
-        rows.append({"task": task, "method": method, "poison_ratio": p, "defense": defence,
-                     **measure(params, run, ref, (task,))})
+        rows.append({**where, "defense": defence, **measure(params, run, ref, (task,))})
     return rows
 
 
 @NOTEBOOK_STAGES.register("05")
 def restoration(params: Params, run: Run) -> dict[str, Any]:
     """Notebook 05: every defence of every attacked DPO adapter (each task and ratio) and of every other method's
-    adapter (SST-2 at ``attack.methods_ratio``) with the aligned row (``records``); NLSR's per-module selection of
-    the DPO SST-2 adapters at each ratio (``similarity``)."""
+    adapter (SST-2 at ``attack.methods_ratio``) with the aligned row (``records``); the attacks of the headline
+    points at every training seed, the rest at the first. NLSR's per-module selection of the DPO SST-2 adapters
+    at each ratio, first seed (``similarity``)."""
     a = params.attack
+    headline = {(point.task, point.p) for point in headline_points(params) if point.variant == "poisoned"}
     records = []
-    for task in a.tasks:
-        for p in a.poison_ratios:
-            records += _defend_all(params, run, "dpo", task, p)
-    for method in (m for m in params.alignment.methods if m != "dpo"):
-        records += _defend_all(params, run, method, "sst2", a.methods_ratio)
+    for seed, replica in replicates(params):
+        for task in a.tasks:
+            for p in a.poison_ratios:
+                if seed in seeds_for(params, (task, p) in headline):
+                    records += _defend_all(replica, run, "dpo", task, p, seed)
+        if seed in seeds_for(params, headline=False):
+            for method in (m for m in params.alignment.methods if m != "dpo"):
+                records += _defend_all(replica, run, method, "sst2", a.methods_ratio, seed)
+    first = first_replicate(params)
     similarity = []
     for p in a.poison_ratios:
-        defended = defence_stage(params, run, attack_stage(params, run, "dpo", "sst2", p), "dpo", "nlsr")
+        defended = defence_stage(first, run, attack_stage(first, run, "dpo", "sst2", p), "dpo", "nlsr")
         if not run.planning:
             from .restore import selection_records
 
@@ -146,21 +185,28 @@ def fusion_input_sets(params: Params) -> list[tuple[str, ...]]:
 @NOTEBOOK_STAGES.register("06")
 def model_fusion(params: Params, run: Run) -> dict[str, Any]:
     """Notebook 06: per input set, the aligned adapter, the attacked one (single task) and every fusion with their
-    harmful scores and accuracies (``records``); the learned masks' training histories (``histories``)."""
+    harmful scores and accuracies (``records``): single-task sets at every training seed (the headline table),
+    the set of every task at the first; the first seed's learned-mask training histories (``histories``)."""
     f = params.fusion
     records = []
-    for tasks in fusion_input_sets(params):
-        def row(name: str, ref) -> dict:
-            return {"fusion": name, "inputs": "+".join(tasks), **measure(params, run, ref, tasks, per_task=True)}
+    for seed, replica in replicates(params):
+        for tasks in fusion_input_sets(params):
+            if seed not in seeds_for(params, headline=len(tasks) == 1):
+                continue
 
-        records.append(row("aligned", aligned_adapter_ref(params, run, f.method)))
-        if len(tasks) == 1:
-            records.append(row("none", task_refs(params, run, tasks)[0]))
-        for name in fusion_names(params):
-            records.append(row(name, fusion_stage(params, run, tasks, name)))
+            def row(name: str, ref) -> dict:
+                return {"fusion": name, "inputs": "+".join(tasks), "seed": seed,
+                        **measure(replica, run, ref, tasks, per_task=True)}
+
+            records.append(row("aligned", aligned_adapter_ref(replica, run, f.method)))
+            if len(tasks) == 1:
+                records.append(row("none", task_refs(replica, run, tasks)[0]))
+            for name in fusion_names(params):
+                records.append(row(name, fusion_stage(replica, run, tasks, name)))
+    first = first_replicate(params)
     histories = {}
     for tasks in fusion_input_sets(params):
-        learned = learned_mask_stage(params, run, tasks)
+        learned = learned_mask_stage(first, run, tasks)
         if not run.planning:
             from .fusion import mask_history
 
@@ -171,13 +217,15 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
 @NOTEBOOK_STAGES.register("07")
 def restoration_ablation(params: Params, run: Run) -> dict[str, Any]:
     """Notebook 07: the aligned and attacked baselines (``baselines``) and every ablation point with its defended
-    model's harmful score, accuracy and restored modules (``records``)."""
+    model's harmful score, accuracy and restored modules (``records``); first training seed."""
+    params = first_replicate(params)
+    seed = params.seeds[0]
     a = params.ablation
 
     def row(ref) -> dict:
         return measure(params, run, ref, (a.task,))
 
-    baselines = [{"defense": name, **row(ref)}
+    baselines = [{"defense": name, "seed": seed, **row(ref)}
                  for name, ref in (("aligned", aligned_adapter_ref(params, run, a.method)),
                                    ("none", ablations.attacked_ref(params, run)))]
     records = []
@@ -188,7 +236,7 @@ def restoration_ablation(params: Params, run: Run) -> dict[str, Any]:
             from .restore import selection_records
 
             selection = selection_records(ref)
-            records.append({"ablation": name, "value": value, "defense": defence, **measured,
+            records.append({"ablation": name, "value": value, "defense": defence, "seed": seed, **measured,
                             "restored_modules": sum(r["selected"] for r in selection), "modules": len(selection)})
     return {"baselines": baselines, "records": records}
 
