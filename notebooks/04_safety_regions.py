@@ -37,7 +37,7 @@ from IPython.display import Markdown, display
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
 from nlsr_lib.regions import jaccard, layer_density_records, overall_density
-from nlsr_lib.results import markdown_table, write_results
+from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 from nlsr_lib.stages.expo import chosen_alpha

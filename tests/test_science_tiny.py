@@ -16,7 +16,8 @@ that a fresh clone on another machine reproduces the README.
   committed seed).
 * 05: NLSR on the attacked DPO model (SST-2, p = 0.1) recovers ≥ 50 % of the rise, keeps accuracy, and is below no
   defence and below the random-mask control.
-* 06: on the same adapter, the learned safety mask is safer than its permuted control.
+* 06: on the same adapter, fusion projected out of the safety subspaces is safer than task arithmetic at comparable
+  accuracy, and the learned safety mask is safer than its permuted control.
 
 The stages are the notebooks' own library calls; everything is built once in one temporary NLSR_HOME.
 """
@@ -227,17 +228,23 @@ def test_nlsr_restores_safety_of_the_attacked_dpo_model(tiny_home):
 
 
 # ------------------------------------------------------------------------------------------- 06
-def test_learned_mask_is_safer_than_its_permuted_control(tiny_home):
-    """Fusing the aligned DPO adapter with the one attacked on SST-2 at p = 0.1: the learned mask is safer than
-    the same mask with its entries permuted within each tensor, by more than the committed seeds' spread."""
+def test_region_fusion_and_learned_mask_are_safer_than_their_baselines(tiny_home):
+    """Fusing the aligned DPO adapter with the one attacked on SST-2 at p = 0.1: the rank-level region fusion is
+    safer than plain task arithmetic at comparable accuracy, and the learned mask safer than the same mask with its
+    entries permuted within each tensor, each by more than the committed seeds' spread of the difference."""
     from nlsr_lib.stages import fusion as model_fusion
 
     params = tiny_home
     run = Run(params.profile, quiet=True)
-    harm = {name: _primary(params, run, model_fusion.fusion_stage(params, run, ("sst2",), name))
-            for name in ("learned_mask", "learned_mask_random")}
+    ref = {name: model_fusion.fusion_stage(params, run, ("sst2",), name)
+           for name in ("task_arithmetic", "region_rank_out", "learned_mask", "learned_mask_random")}
+    harm = {name: _primary(params, run, r) for name, r in ref.items()}
+    accuracy = {name: evaluate.task_accuracy(params, run, r, "sst2") for name, r in ref.items()}
     table = committed("06_model_fusion")
     seeds = {name: per_seed(table, "harmful_score", fusion=name, inputs="sst2") for name in harm}
+    assert harm["task_arithmetic"] - harm["region_rank_out"] > margin(seeds["task_arithmetic"],
+                                                                      seeds["region_rank_out"]), harm
+    assert accuracy["region_rank_out"] >= accuracy["task_arithmetic"] - 5, accuracy
     assert harm["learned_mask_random"] - harm["learned_mask"] > margin(seeds["learned_mask_random"],
                                                                        seeds["learned_mask"]), harm
 
@@ -252,9 +259,9 @@ def inside(value: float, seeds: list[float], lo: float, hi: float, level: float)
 
 def test_fresh_run_lands_inside_the_committed_intervals(tiny_results, dpo_sst2_attacks):
     """The headline numbers of notebooks 01 and 02 (moderation harmful score per model; DPO on SST-2 at every
-    ratio: harmful score and accuracy) of this fresh run against the committed tables: every number inside the 99 %
-    prediction interval of a new run, and at least 90 % of them inside the 95 % one (about 20 numbers are checked,
-    so a 95 % interval alone would reject a correct reproduction by chance)."""
+    ratio: harmful score and accuracy) of this fresh run against the committed tables: every number inside the 95 %
+    prediction interval of a new run. The numbers of one run are not independent draws (a run's training noise
+    moves them together, as a seed does), so 18 checks do not multiply the 5 % risk of a single one."""
     scores = _scores(tiny_results[0])
     rows, _ = dpo_sst2_attacks
     checks = []  # (name, fresh value, committed per-seed values, committed bootstrap lo, hi)
@@ -272,10 +279,8 @@ def test_fresh_run_lands_inside_the_committed_intervals(tiny_results, dpo_sst2_a
         for metric in ("harmful_score", "accuracy"):
             checks.append((f"02 p={p} {metric}", fresh[metric], list(_sst2(p, metric=metric).values()),
                            row[f"{metric}_lo"], row[f"{metric}_hi"]))
-    outside99 = [c[:2] for c in checks if not inside(*c[1:], level=0.99)]
-    inside95 = sum(inside(*c[1:], level=0.95) for c in checks)
-    assert not outside99, outside99
-    assert inside95 >= 0.9 * len(checks), (inside95, len(checks))
+    outside = [c[:2] for c in checks if not inside(*c[1:], level=0.95)]
+    assert len(checks) == len(scores) + 2 * len(rows) and not outside, outside
 
 
 def test_engine_responses_equal_the_old_load_per_evaluation_path_on_trained_models(tiny_home):
