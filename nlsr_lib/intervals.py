@@ -4,8 +4,9 @@ A table row measured at several training seeds (:mod:`nlsr_lib.seeds`) is report
 
 * ``m`` and ``m_sd``: the mean and the sample standard deviation (ddof = 1) over seeds: how much a number moves
   when the model is trained again;
-* ``m_lo``, ``m_hi``: a 95 % percentile bootstrap interval over **seeds and prompts** (:func:`bootstrap_interval`)
-  for the rates measured on a known number of prompts (harmful score, empty share, task accuracy): it also covers
+* ``m_lo``, ``m_hi``: a 95 % percentile bootstrap interval over **seeds and prompts** (:func:`bootstrap_interval`,
+  the prompts resampled once per resample since every seed answers the same prompts) for the rates measured on a
+  known number of prompts (harmful score, empty share, task accuracy): it also covers
   the sampling of the evaluation set, and gives a single-seed row an interval too;
 * :func:`prediction_interval`: where one *new* run (a fresh clone, another machine) should land with 95 %
   probability, mean ± t₀.₉₇₅,ₖ₋₁ · sd · √(1 + 1/k) over k seeds (the Student-t prediction interval).
@@ -34,21 +35,22 @@ def bootstrap_interval(rates: Sequence[float], sizes: Sequence[int], level: floa
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of a mean rate (%) over seeds and prompts.
 
-    Each resample draws the S seeds with replacement, then each drawn seed's n prompts with replacement, and
-    averages the seeds' rates. For a binary outcome (flagged, empty, correct) the resampled rate of a seed with
-    rate r on n prompts is exactly Binomial(n, r/100)/n, so the per-seed rates and sizes suffice."""
+    Each resample draws the S seeds with replacement and averages their rates; the prompts, the same at every
+    seed, are then resampled once for that average: for a binary outcome (flagged, empty, correct) a rate r on n
+    prompts resamples exactly as Binomial(n, r)/n. Drawing the prompt noise once (not once per seed) treats the
+    seeds' answers to a prompt as agreeing, the conservative end of shared prompts: three identical seeds (an
+    untrained base) get the interval of one, not one √3 narrower. ``n`` is the smallest of ``sizes``."""
     if len(rates) != len(sizes) or not rates:
         raise ValueError(f"bootstrap_interval: {len(rates)} rates and {len(sizes)} sizes; need as many, at least one")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level {level}: allowed: 0 < level < 1")
     p = np.clip(np.asarray(rates, dtype=np.float64) / 100.0, 0.0, 1.0)
-    n = np.asarray(sizes, dtype=np.int64)
-    if (n < 1).any():
+    if min(sizes) < 1:
         raise ValueError(f"bootstrap_interval: sizes {list(sizes)}; every size must be a positive count")
+    n = int(min(sizes))
     rng = np.random.default_rng(seed)
     picked = rng.integers(0, len(p), size=(n_boot, len(p)))
-    resampled = rng.binomial(n[picked], p[picked]) / n[picked]
-    means = 100.0 * resampled.mean(axis=1)
+    means = 100.0 * rng.binomial(n, p[picked].mean(axis=1)) / n
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [tail, 1.0 - tail])
     return float(lo), float(hi)

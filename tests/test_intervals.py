@@ -37,6 +37,11 @@ def test_bootstrap_of_one_seed_is_the_binomial_interval():
     assert lo == pytest.approx(45.62, abs=0.5) and hi == pytest.approx(54.38, abs=0.5)
 
 
+def test_identical_seeds_get_the_interval_of_one_seed():
+    """The prompts are shared by the seeds: an untrained model measured at three seeds is one measurement."""
+    assert bootstrap_interval([40.0] * 3, [500] * 3) == pytest.approx(bootstrap_interval([40.0], [500]), abs=0.5)
+
+
 def test_bootstrap_is_deterministic_and_degenerate_rates_have_no_width():
     assert bootstrap_interval([30.0, 40.0], [100, 100]) == bootstrap_interval([30.0, 40.0], [100, 100])
     assert bootstrap_interval([0.0, 0.0, 0.0], [50, 50, 50]) == (0.0, 0.0)
