@@ -34,11 +34,11 @@ from nlsr_lib.config import load_params
 from nlsr_lib.results import markdown_table, write_seeded_results
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
-from nlsr_lib.stages.expo import expo_alphas
+from nlsr_lib.stages.expo import expo_alphas, identity_alpha
 
 params = load_params(params_file)
 run = Run(params.profile)
-identity = 0.0 if params.expo.mode == "paper" else 0.5
+identity = identity_alpha(params)
 print(f"profile {params.profile}: mode {params.expo.mode}, alphas {expo_alphas(params)}, methods {params.expo.methods}")
 
 # %% [markdown]

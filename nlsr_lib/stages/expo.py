@@ -18,9 +18,14 @@ REFERENCE_FILE = "reference.json"
 
 
 def expo_alphas(params: Params) -> list[float]:
-    """The candidate α values: the identity (0 in ``paper`` mode, 0.5 in ``factor_scaling``) and ``expo.alphas``."""
-    identity = 0.0 if params.expo.mode == "paper" else 0.5
-    return sorted({identity, *params.expo.alphas})
+    """The candidate α values: the identity (:func:`identity_alpha`) and ``expo.alphas``."""
+    return sorted({identity_alpha(params), *params.expo.alphas})
+
+
+def identity_alpha(params: Params) -> float:
+    """The α at which EXPO returns the aligned adapter unchanged: 0 in ``paper`` mode, 0.5 in ``factor_scaling``
+    (both factors × 2α)."""
+    return 0.0 if params.expo.mode == "paper" else 0.5
 
 
 @stage_kind("expo", reads=("expo.mode",), consumes=("align",), args=("method", "alpha"))

@@ -20,7 +20,7 @@ from .align import align_stage, aligned_adapter_ref
 from .attack import attack_points, attack_stage, harmful_count, headline_points
 from .evaluate import (generations_stage, harmful_scores, measure, primary_harmful_score, primary_safety,
                        task_accuracy_stage)
-from .expo import expo_alphas, expo_stage, reference_stage
+from .expo import expo_alphas, expo_stage, identity_alpha, reference_stage
 from .fusion import fusion_names, fusion_stage, learned_mask_stage, task_refs
 from .regions import calibration_stage, mask_stage
 from .restore import defence_names, defence_stage
@@ -89,7 +89,7 @@ def safety_reference(params: Params, run: Run) -> dict[str, Any]:
     test score (first seed), ``chosen`` marking the α of the method's reference stage (``records``); and per seed
     and method the headline comparison (``chosen``): the test harmful score of the un-extrapolated model
     (``aligned``) and of the reference (``expo``) at the α chosen on the validation slice."""
-    identity = 0.0 if params.expo.mode == "paper" else 0.5
+    identity = identity_alpha(params)
     records, chosen_rows = [], []
     for seed, replica in replicates(params):
         curve = seed in seeds_for(params, headline=False)
