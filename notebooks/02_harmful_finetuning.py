@@ -24,8 +24,8 @@
 # * DPO on SST-2 across mixture sizes n at a fixed ratio.
 #
 # The headline rows (DPO on SST-2 at every ratio, on every task at p = 0.1, with the clean controls) are trained at
-# every training seed of `params.seeds` and reported as mean ± sd; the other rows at the first seed, with a 95 %
-# bootstrap interval over prompts.
+# every training seed of `params.seeds` and reported as mean ± sd; the other rows too under `seed_scope: all` (the
+# tiny profile), else at the first seed, with a 95 % bootstrap interval over prompts.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check

@@ -27,7 +27,8 @@
 #
 # Rows: `aligned` is the model before the attack. Harmful score on the test slice (primary judge) and the task's
 # accuracy (the paper's lenient rule). The headline attacks (DPO on SST-2 at every ratio, every task at p = 0.1)
-# are defended at every training seed (mean ± sd); the other methods' rows at the first seed.
+# are defended at every training seed (mean ± sd); the other methods' rows too under `seed_scope: all` (the tiny
+# profile), else at the first seed.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check

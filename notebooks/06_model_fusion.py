@@ -30,7 +30,7 @@
 # Each task alone, then the three tasks together (multi-task fusion). `aligned` is the model before the attack,
 # `none` the attacked adapter unfused. Harmful score on the test slice (primary judge); accuracy is the mean over
 # the fused tasks (the paper's lenient rule). Single-task fusions (the headline table) at every training seed,
-# mean ± sd; the multi-task fusion at the first seed.
+# mean ± sd; the multi-task fusion too under `seed_scope: all` (the tiny profile), else at the first seed.
 
 # %% tags=["parameters"]
 params_file = "params/tiny.yaml"  # relative to the repository root; e.g. params/smoke.yaml for a quick check

@@ -54,7 +54,8 @@ display(baselines.round(1))
 # ## Every ablation point
 
 # %%
-# One training seed (the first): each number carries a 95 % bootstrap interval over the prompts.
+# Every training seed under `seed_scope: all` (the tiny profile: mean ± sd), else the first seed with a 95 %
+# bootstrap interval over the prompts. The `seed` ablation varies the restoration's own draw, not the training seed.
 
 columns = ["ablation", "value", "defense", "harmful_score", "empty", "accuracy", "restored_modules", "modules"]
 rows = write_seeded_results(study["records"], "07_restoration_ablation", params.profile,

@@ -51,21 +51,11 @@ def test_every_table_carries_its_seeds_and_an_interval(name):
     assert (RESULTS / f"{name}.md").read_text().splitlines()[0].endswith("n_seeds |")
 
 
-HEADLINE = {  # table -> rows that must hold every training seed
-    "01_alignment": lambda r: True,
-    "02_harmful_finetuning": lambda r: r["method"] == "dpo" and r["n"] == TINY.attack.n and (
-        r["task"] == "sst2" or r["poison_ratio"] == TINY.attack.size_sweep_ratio),
-    "03_expo_chosen": lambda r: True,
-    "04_safety_regions": lambda r: True,
-    "05_restoration": lambda r: r["method"] == "dpo" and (r["task"] == "sst2" or r["poison_ratio"] == 0.1),
-    "06_model_fusion": lambda r: "+" not in r["inputs"],
-}
-
-
-@pytest.mark.parametrize("name", sorted(HEADLINE))
-def test_headline_rows_hold_every_training_seed(name):
-    rows = [r for r in table(name) if HEADLINE[name](r)]
-    assert rows and all(r["n_seeds"] == len(TINY.seeds) >= 3 for r in rows), name
+@pytest.mark.parametrize("name", TABLES)
+def test_every_row_holds_every_training_seed(name):
+    """``seed_scope: all``: every row of every table at every training seed (≥ 3)."""
+    assert TINY.seed_scope == "all" and len(TINY.seeds) >= 3
+    assert all(r["n_seeds"] == len(TINY.seeds) for r in table(name)), name
 
 
 # ------------------------------------------------------------------------------------------- findings at every seed
@@ -98,10 +88,10 @@ def test_expo_lowers_every_methods_harmful_score_at_every_seed():
             assert row["expo"] < row["aligned"], row
 
 
-def test_nlsr_beats_no_defence_and_the_random_control_on_every_headline_attack_at_every_seed():
+def test_nlsr_beats_no_defence_and_the_random_control_on_every_attack_at_every_seed():
     records = seeds_of("05_restoration")
-    attacks = {(r["task"], r["poison_ratio"]) for r in records if r["method"] == "dpo" and r["seed"] == TINY.seeds[1]}
-    assert len(attacks) == len(TINY.attack.poison_ratios) + len(TINY.attack.tasks) - 1
+    attacks = {(r["task"], r["poison_ratio"]) for r in records if r["method"] == "dpo"}
+    assert len(attacks) == len(TINY.attack.poison_ratios) * len(TINY.attack.tasks)
     for task, p in attacks:
         for seed in TINY.seeds:
             h = {d: values(records, "harmful_score", method="dpo", task=task, poison_ratio=p, defense=d)[seed]

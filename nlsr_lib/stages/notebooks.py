@@ -217,27 +217,28 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
 @NOTEBOOK_STAGES.register("07")
 def restoration_ablation(params: Params, run: Run) -> dict[str, Any]:
     """Notebook 07: the aligned and attacked baselines (``baselines``) and every ablation point with its defended
-    model's harmful score, accuracy and restored modules (``records``); first training seed."""
-    params = first_replicate(params)
-    seed = params.seeds[0]
+    model's harmful score, accuracy and restored modules (``records``), each row with its training ``seed``: the
+    first seed, or every seed under ``seed_scope: all``."""
     a = params.ablation
+    baselines, records = [], []
+    for seed, replicate in replicates(params, headline=False):
 
-    def row(ref) -> dict:
-        return measure(params, run, ref, (a.task,))
+        def row(ref) -> dict:
+            return measure(replicate, run, ref, (a.task,))
 
-    baselines = [{"defense": name, "seed": seed, **row(ref)}
-                 for name, ref in (("aligned", aligned_adapter_ref(params, run, a.method)),
-                                   ("none", ablations.attacked_ref(params, run)))]
-    records = []
-    for name, value, defence in ablations.ablation_points(params):
-        ref = ablations.ablation_stage(params, run, name, value, defence)
-        measured = row(ref)
-        if not run.planning:
-            from .restore import selection_records
+        baselines += [{"defense": name, "seed": seed, **row(ref)}
+                      for name, ref in (("aligned", aligned_adapter_ref(replicate, run, a.method)),
+                                        ("none", ablations.attacked_ref(replicate, run)))]
+        for name, value, defence in ablations.ablation_points(replicate):
+            ref = ablations.ablation_stage(replicate, run, name, value, defence)
+            measured = row(ref)
+            if not run.planning:
+                from .restore import selection_records
 
-            selection = selection_records(ref)
-            records.append({"ablation": name, "value": value, "defense": defence, "seed": seed, **measured,
-                            "restored_modules": sum(r["selected"] for r in selection), "modules": len(selection)})
+                selection = selection_records(ref)
+                records.append({"ablation": name, "value": value, "defense": defence, "seed": seed, **measured,
+                                "restored_modules": sum(r["selected"] for r in selection),
+                                "modules": len(selection)})
     return {"baselines": baselines, "records": records}
 
 
