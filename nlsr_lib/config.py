@@ -37,8 +37,8 @@ import yaml
 
 from .data.tasks import TASKS
 from .errors import NlsrError
-from .names import (ALIGNMENT_METHODS, CORRECTIONS, DEFENCES, GENERATION_BACKENDS, JUDGES, MERGE_METHODS,
-                    REGION_SCORERS, RESTORE_STRATEGIES, SIMILARITIES)
+from .names import (ALIGNMENT_METHODS, BENCHMARKS, CORRECTIONS, DEFENCES, GENERATION_BACKENDS, JUDGES, KEYWORD_LISTS,
+                    LLM_PROTOCOLS, MERGE_METHODS, REGION_SCORERS, RESTORE_STRATEGIES, SIMILARITIES, WRAPPERS)
 from .registry import Names, Registry, unknown_message
 
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -488,10 +488,96 @@ class ModerationConfig:
 
 
 @dataclass(frozen=True)
+class KeywordConfig:
+    """Refusal keyword matching (spec/evaluation.md §2.1)."""
+
+    phrases: str = _f("nlsr", choices=KEYWORD_LISTS,
+                   doc="nlsr: first-person refusals only (GCG-29's harm words such as 'illegal' and 'unethical' fire "
+                       "on compliances that mention the harm, §2.1 failure mode 1); gcg29 (the AdvBench / HarmBench "
+                       "list), jbb13, rd12, mi29, gcg_demo10: the published lists, matched as published")
+    normalise_quotes: bool = _f(False, doc="map U+2019 to ' before matching the published lists (a deviation, "
+                                           "recorded; the nlsr list always normalises)")
+
+
+@dataclass(frozen=True)
+class LLMJudgeConfig:
+    """An LLM judge over an OpenAI-compatible chat-completions API (spec/evaluation.md §2, §5). The endpoint, the
+    judge model and the key come only from the environment variables named here, never from params; temperature
+    and max_tokens are each protocol's published ones (0; StrongREJECT's 1000, XSTest's 16, ...)."""
+
+    protocol: str = _f("strongreject", choices=LLM_PROTOCOLS,
+                       doc="strongreject (rubric score), harmbench (yes/no classifier), jailbreakbench, llama_guard "
+                           "(text form), xstest (3-class), pairwise (SOMF's preference judge against a reference)")
+    base_url_env: str = _f("NLSR_JUDGE_BASE_URL", doc="falls back to OPENAI_BASE_URL")
+    model_env: str = _f("NLSR_JUDGE_MODEL")
+    api_key_env: str = _f("NLSR_JUDGE_API_KEY", doc="falls back to OPENAI_API_KEY")
+    concurrency: int = _f(8, range=(1, None), doc="requests in flight at once")
+    max_retries: int = _f(2, range=(0, None), doc="the openai client's retries (429, 5xx, timeouts; backoff §5)")
+    timeout_s: float = _f(60.0, range=(0.0, None), open_hi=False)
+    swap_positions: bool = _f(False, doc="pairwise: judge both orders (SOMF did not, spec/somf.md §6.14)")
+    price_prompt_per_1m: float = _f(0.0, range=(0.0, None), doc="USD per million prompt tokens (usage summary)")
+    price_completion_per_1m: float = _f(0.0, range=(0.0, None))
+
+
+@dataclass(frozen=True)
+class LlamaGuardConfig:
+    """A local Llama-Guard-3-style classifier (spec/evaluation.md §2.4)."""
+
+    model: str = _f("", doc="hub id or local folder (e.g. meta-llama/Llama-Guard-3-8B); '' = not configured")
+    dtype: str = _f("bfloat16", choices=("float32", "bfloat16", "float16"))
+    device: str = _f("auto")
+    batch_size: int = _f(8, range=(1, None))
+    max_new_tokens: int = _f(10, range=(2, None), doc="the reply: 'safe', or 'unsafe' and a category line")
+
+
+@dataclass(frozen=True)
 class JudgesConfig:
     primary: str = _f("moderation", choices=JUDGES)
     enabled: tuple[str, ...] = _f(("moderation", "keyword"), choices=JUDGES)
     moderation: ModerationConfig = _sub(ModerationConfig)
+    keyword: KeywordConfig = _sub(KeywordConfig)
+    llm: LLMJudgeConfig = _sub(LLMJudgeConfig)
+    llama_guard: LlamaGuardConfig = _sub(LlamaGuardConfig)
+
+
+SOMF_SETS = ("somf_catqa", "somf_beavertails", "somf_shadow", "somf_harmfulqa", "somf_dangerousqa")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The safety evaluation suite (spec/evaluation.md; spec/somf.md §4): harmful-prompt benchmarks judged by every
+    judge of ``judges``, red-team wrappers, over-refusal and general capability, for the models notebooks 01, 05 and
+    06 report. The BeaverTails ``30k_test`` slice of ``data`` stays the primary measure of every table."""
+
+    benchmarks: tuple[str, ...] = _f(SOMF_SETS + ("advbench", "harmbench_test", "jailbreakbench", "strongreject",
+                                                  "malicious_instruct"), choices=BENCHMARKS,
+                                     doc="SOMF's five sets (spec/somf.md §4.1) and the field's standard sets")
+    judges: tuple[str, ...] = _f(("moderation", "keyword"), choices=JUDGES,
+                                 doc="judges of every benchmark (llm and llama_guard need their configuration)")
+    data_dir: str = _f("", doc="folder of local copies in ../shared/data's layout (./x or ../x: relative to the "
+                               "params file); '' = the tiny world's counterparts where the profile's BeaverTails "
+                               "is the world (real profiles need the copies; each set's hub id is in "
+                               "nlsr_lib.evaluate.benchmarks)")
+    tiny_size: int = _f(100, range=(1, None), doc="prompts per benchmark in the tiny world's counterparts")
+    limit: int = _f(0, range=(0, None), doc="evaluate the first N prompts of each set (0 = all; SOMF: all)")
+    wrappers: tuple[str, ...] = _f(("identity",), choices=WRAPPERS,
+                                   doc="red-team prompt wrappers (spec/evaluation.md §3): every benchmark also runs "
+                                       "through each; identity = the prompts as written")
+    over_refusal: str = _f("xstest", choices=("", "xstest"), doc="over-refusal set ('' = none)")
+    capability: tuple[str, ...] = _f((), doc="lm-evaluation-harness tasks (spec §4): 'tiny_facts' (the world's "
+                                             "multiple choice) or COPA-format jsonl files under capability_dir")
+    capability_dir: str = _f("", doc="local COPA-format task files: <dir>/<task>.jsonl")
+    capability_batch_size: int = _f(8, range=(1, None))
+    tiny_capability_size: int = _f(200, range=(1, None), doc="rows of the tiny world's multiple-choice task")
+    bootstrap_seed: int = _f(0, doc="Cohen's kappa's 1,000-resample bootstrap (spec §2.6)")
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise ParamsError("evaluation.benchmarks: at least one benchmark is needed")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ParamsError(f"evaluation.benchmarks: {list(self.benchmarks)} names a benchmark twice")
+        if "xstest" in self.benchmarks:
+            raise ParamsError("evaluation.benchmarks: xstest is an over-refusal set; set evaluation.over_refusal")
 
 
 @dataclass(frozen=True)
@@ -521,6 +607,7 @@ class Params:
     ablation: AblationConfig = _sub(AblationConfig)
     generation: GenerationConfig = _sub(GenerationConfig)
     judges: JudgesConfig = _sub(JudgesConfig)
+    evaluation: EvaluationConfig = _sub(EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -939,8 +1026,22 @@ MODEL_PATH_KEYS = (("model", "name"), ("judges", "moderation", "model"))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path, origin: str) -> dict[str, Any]:
-    """``raw`` with its data sources' and models' local paths made absolute against ``base``."""
-    return _resolve_model_paths(_resolve_sources(raw, base, origin), base, origin)
+    """``raw`` with its data sources', models' and evaluation folders' local paths made absolute against ``base``."""
+    return _resolve_folders(_resolve_model_paths(_resolve_sources(raw, base, origin), base, origin), base)
+
+
+FOLDER_KEYS = ("data_dir", "capability_dir")
+"""``evaluation`` fields naming a local folder: made absolute against the declaring params file's folder where they
+are relative (``./x``, ``../x``); checked when read (the suite names a missing benchmark file and its origin)."""
+
+
+def _resolve_folders(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    evaluation = raw.get("evaluation")
+    if not isinstance(evaluation, Mapping):
+        return raw
+    resolved = {k: str((base / v).resolve()) if k in FOLDER_KEYS and isinstance(v, str) and v.startswith(("./", "../"))
+                else v for k, v in evaluation.items()}
+    return {**raw, "evaluation": resolved}
 
 
 def _resolve_model_paths(raw: dict[str, Any], base: Path, origin: str) -> dict[str, Any]:

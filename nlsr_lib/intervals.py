@@ -94,10 +94,13 @@ def prediction_interval(values: Sequence[float], level: float = LEVEL) -> tuple[
 # --------------------------------------------------------------------------------------------- tables
 def size_field(metric: str) -> str | None:
     """The record field holding the number of prompts a rate was measured on: ``n_prompts`` for the safety rates,
-    ``n_task`` for a single task's accuracy, ``n_task_<task>`` for ``accuracy_<task>``; None for a derived number
-    (a mean over tasks, a similarity), which gets the seeds' sd only."""
+    ``n_task`` for a single task's accuracy, ``n_task_<task>`` for ``accuracy_<task>``, ``n_over_refusal`` (the safe
+    prompts) for ``over_refusal``, ``n_capability_<task>`` for ``capability_<task>``; None for a derived number (a
+    mean over tasks, a similarity), which gets the seeds' sd only."""
     if metric in ("harmful_score", "empty"):
         return "n_prompts"
+    if metric == "over_refusal" or metric.startswith("capability_"):
+        return "n_" + metric
     if metric in ("accuracy", "accuracy_strict"):
         return "n_task"
     if metric.startswith("accuracy_"):

@@ -33,7 +33,20 @@ CORRECTIONS = Names("correction", "neuron", "module")
 #: nlsr_lib.evaluate.engine.ENGINES
 GENERATION_BACKENDS = Names("generation backend", "hf", "vllm")
 #: nlsr_lib.evaluate.judges.JUDGES
-JUDGES = Names("judge", "moderation", "keyword")
+JUDGES = Names("judge", "moderation", "keyword", "llm", "llama_guard")
+#: nlsr_lib.evaluate.benchmarks.BENCHMARKS (spec/evaluation.md §1.2; the tiny world has a counterpart of each
+#: harmful and over-refusal set: nlsr_lib.tiny.benchmarks)
+BENCHMARKS = Names("benchmark", "somf_catqa", "somf_beavertails", "somf_shadow", "somf_harmfulqa", "somf_dangerousqa",
+                   "catqa", "harmfulqa", "adversarialqa", "dangerousqa", "advbench", "harmbench_test", "harmbench_val",
+                   "jailbreakbench", "strongreject", "strongreject_small", "malicious_instruct", "xstest",
+                   "beavertails_30k_test", "hh_harmless", "pku_realign")
+#: nlsr_lib.evaluate.wrappers.WRAPPERS (spec/evaluation.md §3, spec/somf.md §4.4)
+WRAPPERS = Names("prompt wrapper", "identity", "cot", "cou", "suffix", "prefix_injection", "refusal_suppression", "aim")
+#: nlsr_lib.evaluate.keywords.KEYWORD_LISTS (spec/evaluation.md §2.1); ``nlsr``: the project's first-person list
+KEYWORD_LISTS = Names("keyword list", "nlsr", "gcg29", "jbb13", "rd12", "mi29", "gcg_demo10")
+#: nlsr_lib.evaluate.llm_judges.PROTOCOLS (spec/evaluation.md §2.2-2.5, spec/somf.md §4.3)
+LLM_PROTOCOLS = Names("LLM judge protocol", "strongreject", "harmbench", "jailbreakbench", "llama_guard", "xstest",
+                      "pairwise")
 
-__all__ = ["ALIGNMENT_METHODS", "CORRECTIONS", "DEFENCES", "GENERATION_BACKENDS", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
+__all__ = ["ALIGNMENT_METHODS", "BENCHMARKS", "KEYWORD_LISTS", "LLM_PROTOCOLS", "WRAPPERS", "CORRECTIONS", "DEFENCES", "GENERATION_BACKENDS", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
            "RESTORE_STRATEGIES", "SIMILARITIES"]

@@ -450,3 +450,30 @@ def mask_training(histories: pd.DataFrame, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def benchmark_heatmap(table: pd.DataFrame, model: str, title: str, order: Sequence[str] | None = None):
+    """Harmful score (%) per benchmark (rows) × model (columns, the ``model`` field), one panel per judge, values
+    printed (mean over seeds where the table has several), colour scale 0-100 shared by the panels."""
+    style()
+    judges = list(dict.fromkeys(table["judge"]))
+    columns = [m for m in (order or []) if m in set(table[model])] or list(dict.fromkeys(table[model]))
+    benchmarks = list(dict.fromkeys(table["benchmark"]))
+    width = 1.6 + 0.75 * len(columns)
+    fig, axes = plt.subplots(1, len(judges), figsize=(width * len(judges) + 1.2, 1.4 + 0.38 * len(benchmarks)),
+                             squeeze=False)
+    for i, (ax, judge) in enumerate(zip(axes[0], judges)):
+        grid = (table[table["judge"] == judge].pivot_table(index="benchmark", columns=model, values="harmful_score")
+                .reindex(index=benchmarks, columns=columns))
+        sns.heatmap(grid, annot=True, fmt=".0f", vmin=0.0, vmax=100.0, cmap="rocket_r", ax=ax,
+                    cbar=i == len(judges) - 1, cbar_kws={"label": "harmful score (%)"}, annot_kws={"fontsize": 7})
+        ax.set_title(f"judge: {judge}")
+        ax.set_xlabel("")
+        ax.set_ylabel("" if i else "benchmark")
+        ax.set_xticks(ax.get_xticks(), ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
+        if i:
+            ax.set_yticks([])
+    n = _n_seeds(table) or 0
+    fig.suptitle(_with_note(title, f"mean over {n} training seeds (sd in the table)" if n > 1 else None))
+    fig.tight_layout()
+    return fig

@@ -57,3 +57,41 @@ def write_seeded_results(records: Sequence[dict[str, Any]], name: str, profile: 
 
 def read_results(name: str, profile: str) -> list[dict[str, Any]]:
     return json.loads((results_dir(profile) / f"{name}.json").read_text())
+
+
+SUITE_FIELDS = ("benchmark", "wrapper", "judge")
+"""The fields that name one cell of the evaluation suite (spec/evaluation.md §2.0: every row names its judge)."""
+
+
+def suite_metrics(evaluation) -> list[str]:
+    """The suite's metrics for an ``EvaluationConfig``: harmful score and empty share per benchmark × judge, and
+    the model's over-refusal and capability (%), where configured."""
+    return ["harmful_score", "empty", *(["over_refusal"] if evaluation.over_refusal else []),
+            *(f"capability_{task}" for task in evaluation.capability)]
+
+
+def write_suite_results(records: Sequence[dict[str, Any]], name: str, profile: str, by: Sequence[str],
+                        evaluation) -> list[dict[str, Any]]:
+    """The evaluation suite's table ``name`` (:func:`write_seeded_results` grouped by ``by`` and
+    :data:`SUITE_FIELDS`), and ``name``'s judge agreement beside it where given."""
+    metrics = suite_metrics(evaluation)
+    keys = [*by, *SUITE_FIELDS]
+    return write_seeded_results(records, name, profile, by=keys, metrics=metrics, columns=[*keys, *metrics])
+
+
+def write_agreement(rows: Sequence[dict[str, Any]], name: str, profile: str) -> list[dict[str, Any]]:
+    """Cohen's κ between every pair of judges (:func:`nlsr_lib.evaluate.agreement.pairwise_kappas`) as ``name``."""
+    columns = ["judge_a", "judge_b", "kappa", "ci_lo", "ci_hi", "agreement", "n"]
+    write_results(rows, name, profile, columns=[c for c in columns if c in rows[0]])
+    return list(rows)
+
+
+def api_usage(records: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """An API judge's usage summed over a notebook's suite records (``api_calls``, ``api_cache_hits``, tokens,
+    ``api_cost``): what this run asked of the endpoint (cached stages count nothing); None without an API judge."""
+    totals: dict[str, float] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith("api_"):
+                totals[key] = totals.get(key, 0) + value
+    return totals or None

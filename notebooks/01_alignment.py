@@ -33,7 +33,8 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_seeded_results
+from nlsr_lib.results import (api_usage, markdown_table, suite_metrics, write_agreement, write_seeded_results,
+                             write_suite_results)
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 
@@ -81,6 +82,27 @@ fig = plots.harmful_score_by_method(
 plots.save(fig, "01_harmful_score_by_method", params.profile)
 
 # %% [markdown]
+# ## The evaluation suite: harmful score per benchmark × judge, over-refusal and capability
+# SOMF's five harmful-question sets and the field's standard benchmarks (spec/evaluation.md §1; on the tiny profile
+# the world's counterparts, with the real sets' schema and categories), each judged by every judge of
+# `evaluation.judges`; `over_refusal`: the share of XSTest's safe prompts refused (%, XSTest's string match; the
+# tiny counterpart's safe prompts look unsafe); `capability_<task>`: lm-evaluation-harness multiple-choice accuracy
+# (%, chance 50). Judge agreement: Cohen's κ on the same responses, with a 95 % bootstrap interval.
+
+# %%
+suite = pd.DataFrame(write_suite_results(study["suite"], "01_benchmarks", params.profile, ["method"],
+                                         params.evaluation))
+display(suite.pivot_table(index="benchmark", columns=["judge", "method"], values="harmful_score", sort=False).round(1))
+model_level = [m for m in suite_metrics(params.evaluation) if m not in ("harmful_score", "empty")]
+display(suite.groupby("method", sort=False)[model_level].first().round(1))  # one value per model
+display(pd.DataFrame(write_agreement(study["agreement"], "01_judge_agreement", params.profile)).round(3))
+if api_usage(study["suite"]):  # an LLM judge: calls, tokens and cost of this run
+    display(api_usage(study["suite"]))
+fig = plots.benchmark_heatmap(suite, "method", f"Harmful score per benchmark, aligned models ({params.profile})",
+                              order=["base", *plots.METHOD_ORDER])
+plots.save(fig, "01_benchmarks", params.profile)
+
+# %% [markdown]
 # ## A few answers of each model
 
 # %%
@@ -91,7 +113,7 @@ for name, generations in study["generations"].items():
 pd.DataFrame(examples)
 
 # %%
-plots.check_saved(["01_harmful_score_by_method"], params.profile)
+plots.check_saved(["01_harmful_score_by_method", "01_benchmarks"], params.profile)
 assert {r["judge"] for r in rows} == set(params.judges.enabled)
 assert {s for r in rows for s in r["seeds"]} == set(params.seeds)
 print("01_alignment: table and figure written; stages built in this run:", run.built_summary())

@@ -39,7 +39,8 @@ from IPython.display import Markdown, display
 
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
-from nlsr_lib.results import markdown_table, write_seeded_results
+from nlsr_lib.results import (SUITE_FIELDS, api_usage, markdown_table, suite_metrics, write_agreement,
+                             write_seeded_results)
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 
@@ -54,11 +55,12 @@ print(f"profile {params.profile}: defences {list(params.restore.defences)}, stra
 
 # %%
 study = notebooks.restoration(params, run)  # each attacked adapter: the aligned row, then one row per defence
-rows = write_seeded_results(study["records"], "05_restoration", params.profile,
-                            by=["task", "method", "poison_ratio", "defense"],
-                            metrics=["harmful_score", "empty", "accuracy"],
-                            columns=["task", "method", "poison_ratio", "defense", "harmful_score", "empty", "accuracy"])
-table = pd.DataFrame(rows)
+metrics = ["accuracy", *suite_metrics(params.evaluation)]  # the suite's rows carry over-refusal and capability
+keys = ["task", "method", "poison_ratio", "defense", *SUITE_FIELDS]
+rows = write_seeded_results(study["records"], "05_restoration", params.profile, by=keys, metrics=metrics,
+                            columns=[*keys, *metrics])
+everything = pd.DataFrame(rows)
+table = everything[everything.benchmark == notebooks.PRIMARY_SET]  # the primary set (BeaverTails 30k_test)
 
 # %% [markdown]
 # ## The main table: DPO on SST-2
@@ -88,6 +90,27 @@ display(summary(table[(table.method == "dpo") & (table.poison_ratio == p_main)],
 display(summary(table[(table.task == "sst2") & (table.poison_ratio == a.methods_ratio)], ["method"]))
 
 # %% [markdown]
+# ## The evaluation suite: benchmarks × defences
+# The attack of `notebooks.suite_attack` (DPO on the first task at the ratio nearest 0.1) before the attack
+# (`aligned`), after it (`none`), restored by NLSR and by the random-mask control, under SOMF's five
+# harmful-question sets and the field's standard benchmarks (spec/evaluation.md §1; on the tiny profile the world's
+# counterparts), each judged by every judge of `evaluation.judges`; `over_refusal` (XSTest's safe prompts refused,
+# %) and `capability_<task>` (lm-evaluation-harness multiple choice, %, chance 50). Judge agreement: Cohen's κ.
+
+# %%
+suite = everything[everything.benchmark != notebooks.PRIMARY_SET]
+display(suite.pivot_table(index="benchmark", columns=["judge", "defense"], values="harmful_score", sort=False).round(1))
+model_level = [m for m in suite_metrics(params.evaluation) if m not in ("harmful_score", "empty")]
+display(suite.groupby("defense", sort=False)[model_level].first().round(1))  # one value per model
+display(pd.DataFrame(write_agreement(study["agreement"], "05_judge_agreement", params.profile)).round(3))
+if api_usage(study["records"]):  # an LLM judge: calls, tokens and cost of this run
+    display(api_usage(study["records"]))
+method, task, p = notebooks.suite_attack(params)
+fig = plots.benchmark_heatmap(suite, "defense", f"Harmful score per benchmark and defence, {method} attacked on "
+                              f"{task} at p = {p:g} ({params.profile})", order=plots.DEFENCE_ORDER)
+plots.save(fig, "05_benchmarks_defences", params.profile)
+
+# %% [markdown]
 # ## Per-layer safety similarity (DPO, SST-2): fine-tuned vs reference update inside the safety region
 #
 # One panel per poison ratio; marker = module type; filled markers are the modules NLSR restored.
@@ -98,5 +121,5 @@ fig = plots.layer_similarity(pd.DataFrame(study["similarity"]),
 plots.save(fig, "05_layer_similarity", params.profile)
 
 # %%
-plots.check_saved(["05_defences_vs_ratio", "05_layer_similarity"], params.profile)
+plots.check_saved(["05_defences_vs_ratio", "05_layer_similarity", "05_benchmarks_defences"], params.profile)
 print("05_restoration: stages built in this run:", run.built_summary())

@@ -42,7 +42,8 @@ from IPython.display import Markdown, display
 from nlsr_lib import plots
 from nlsr_lib.config import load_params
 from nlsr_lib.intervals import aggregate
-from nlsr_lib.results import markdown_table, write_seeded_results
+from nlsr_lib.results import (api_usage, markdown_table, suite_metrics, write_agreement, write_seeded_results,
+                             write_suite_results)
 from nlsr_lib.runs import Run
 from nlsr_lib.stages import notebooks
 from nlsr_lib.stages.fusion import fusion_names
@@ -99,6 +100,26 @@ display(Markdown(markdown_table(deltas, ["fusion", "inputs", "harmful_score", "a
                                          "delta_accuracy_vs_operator", "safer_at_comparable_accuracy", "n_seeds"])))
 
 # %% [markdown]
+# ## The evaluation suite: harmful score per benchmark × judge, over-refusal and capability
+# The aligned adapter, the adapter attacked on the first task and each of its fusions under SOMF's five
+# harmful-question sets and the field's standard benchmarks (spec/evaluation.md §1; on the tiny profile the world's
+# counterparts), each judged by every judge of `evaluation.judges`; `over_refusal` (XSTest's safe prompts refused,
+# %) and `capability_<task>` (lm-evaluation-harness multiple choice, %, chance 50). Judge agreement: Cohen's κ.
+
+# %%
+suite = pd.DataFrame(write_suite_results(study["suite"], "06_benchmarks", params.profile, ["fusion", "inputs"],
+                                         params.evaluation))
+display(suite.pivot_table(index="benchmark", columns=["judge", "fusion"], values="harmful_score", sort=False).round(1))
+model_level = [m for m in suite_metrics(params.evaluation) if m not in ("harmful_score", "empty")]
+display(suite.groupby("fusion", sort=False)[model_level].first().round(1))  # one value per model
+display(pd.DataFrame(write_agreement(study["agreement"], "06_judge_agreement", params.profile)).round(3))
+if api_usage(study["suite"]):  # an LLM judge: calls, tokens and cost of this run
+    display(api_usage(study["suite"]))
+fig = plots.benchmark_heatmap(suite, "fusion", f"Harmful score per benchmark, fusions of the "
+                              f"{params.attack.tasks[0]} adapter ({params.profile})")
+plots.save(fig, "06_benchmarks", params.profile)
+
+# %% [markdown]
 # ## The learned mask's training: DPO loss and keep rate per step
 
 # %%
@@ -107,5 +128,5 @@ fig = plots.mask_training(histories, f"Learned safety mask (SOMF), {f.method} ad
 plots.save(fig, "06_learned_mask_training", params.profile)
 
 # %%
-plots.check_saved(["06_fusion_scatter", "06_learned_mask_training"], params.profile)
+plots.check_saved(["06_fusion_scatter", "06_learned_mask_training", "06_benchmarks"], params.profile)
 print("06_model_fusion: stages built in this run:", run.built_summary())

@@ -213,3 +213,34 @@ def test_real_ranking_slice(tmp_path) -> None:
     assert [p["chosen"] for p in pairs] == [r["response"][0] for r in records[:12]]
     kto = build_kto(ds, n_safe=6, n_unsafe=6)
     assert [r["label"] for r in kto] == [True] * 6 + [False] * 6
+
+
+# ------------------------------------------------------------------------------------------- gzip-compressed files
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".json.gz"])
+def test_gzip_json_and_jsonl_files_are_read(tmp_path, suffix) -> None:
+    """A ``.jsonl.gz`` / ``.json.gz`` file (as hh_rlhf_harmless_base ships: test.jsonl.gz) is read, not rejected."""
+    import gzip
+
+    rows = [{"prompt": "p", "response": ["no thanks", "sure, step 1"]}, {"prompt": "q", "response": ["no", "ok"]}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl.gz" else json.dumps(rows)
+    f = tmp_path / f"pairs{suffix}"
+    f.write_bytes(gzip.compress(text.encode("utf-8")))
+    assert loaders.file_format(f) == suffix.removesuffix(".gz") and loaders.source_form(str(f)) == "file"
+    assert loaders.file_columns("pku_saferlhf", f) == ["prompt", "response"]
+    loaders.check_local_source("pku_saferlhf", {"train": str(f), "test": str(f)})
+    ds = load_one("pku_saferlhf", f)
+    assert ds["prompt"] == ["p", "q"] and ds["response_0"] == ["no thanks", "no"]
+
+
+@needs_shared
+def test_real_hh_jsonl_gz_is_read() -> None:
+    """The real hh-rlhf ``test.jsonl.gz``: its records are read (columns chosen, rejected); a dataset that needs
+    other columns is refused for its columns, never for the file type."""
+    hh = SHARED_DATA / "hh_rlhf_harmless_base" / "test.jsonl.gz"
+    assert loaders.split_files("alpaca", hh) == {"train": hh}
+    assert loaders.file_columns("alpaca", hh) == ["chosen", "rejected"]
+    with pytest.raises(loaders.SourceError, match=r"lacks column\(s\) \['instruction', 'output'\]; "
+                                                  r"found \['chosen', 'rejected'\]"):
+        loaders.check_local_source("alpaca", hh)
+    with pytest.raises(loaders.SourceError, match=r"alpaca data lacks column\(s\) \['instruction', 'output'\]"):
+        load_dataset_source("alpaca", hh)  # every record parsed, then refused for its columns

@@ -12,8 +12,8 @@ from nlsr_lib.reproduce import NOTEBOOKS_DIR, NotebookFailure, reproduce
 
 pytestmark = pytest.mark.notebook
 
-FIGURES = {"01_alignment": 1, "02_harmful_finetuning": 2, "03_safety_reference": 1, "04_safety_regions": 3,
-           "05_restoration": 2, "06_model_fusion": 2, "07_restoration_ablation": 2}
+FIGURES = {"01_alignment": 2, "02_harmful_finetuning": 2, "03_safety_reference": 1, "04_safety_regions": 3,
+           "05_restoration": 3, "06_model_fusion": 3, "07_restoration_ablation": 2}
 MAX_STDERR_OUTPUTS = 3  # "a handful": library noise and bars are off under reproduce, real warnings may remain
 
 
@@ -49,6 +49,41 @@ def test_notebook_01_alignment_smoke(nlsr_home):
     executed = (runs_dir("smoke") / "executed" / "01_alignment.ipynb").read_text()
     assert "stages built in this run: none (all cached)" in executed
     assert_figures_inline_and_quiet("01_alignment")
+
+
+SECRET = "sk-nlsr-test-0123456789abcdef"
+
+
+def test_notebook_01_with_an_llm_judge_over_a_local_server_keeps_the_key_secret(nlsr_home, tmp_path, monkeypatch):
+    """The evaluation suite with the LLM judge (Llama-Guard text protocol) against a chat-completions server on
+    127.0.0.1 (tests/chat_server.py): every benchmark gets `llm` rows, the judge agrees with the keyword judge in a
+    κ table, and the API key, read from the environment only, appears in no executed notebook, result or cache."""
+    from chat_server import ChatServer
+
+    def reply(message: str) -> str:  # a deterministic stand-in judge: a compliance has steps
+        answer = message.split("Agent:", 1)[-1]
+        return "unsafe\nS2" if "Step" in answer or "step" in answer else "safe"
+
+    params = tmp_path / "llm.yaml"
+    params.write_text(f"extends: {__import__('nlsr_lib.paths').paths.PROJECT_ROOT / 'params/smoke.yaml'}\n"
+                      "judges: {llm: {protocol: llama_guard, concurrency: 4, timeout_s: 10}}\n"
+                      "evaluation: {judges: [moderation, keyword, llm], wrappers: [identity]}\n")
+    with ChatServer(reply=reply) as server:
+        monkeypatch.setenv("NLSR_JUDGE_BASE_URL", server.base_url)
+        monkeypatch.setenv("NLSR_JUDGE_MODEL", "stand-in-guard")
+        monkeypatch.setenv("NLSR_JUDGE_API_KEY", SECRET)
+        reproduce(params, only="01", log=lambda *_: None)
+        assert server.requests and all(r["headers"].get("authorization") == f"Bearer {SECRET}"
+                                       for r in server.requests)
+    suite = json.loads((results_dir("smoke") / "01_benchmarks.json").read_text())
+    assert {r["judge"] for r in suite} == {"moderation", "keyword", "llm"}
+    assert all(r["n_unjudged"] == 0 for r in suite if r["judge"] == "llm")
+    kappas = json.loads((results_dir("smoke") / "01_judge_agreement.json").read_text())
+    assert {(k["judge_a"], k["judge_b"]) for k in kappas} >= {("keyword", "llm")}
+    for path in (p for p in nlsr_home.rglob("*") if p.is_file()):
+        assert SECRET.encode() not in path.read_bytes(), path
+    for path in results_dir("smoke").glob("*"):
+        assert SECRET not in path.read_text(), path
 
 
 def test_failing_notebook_reports_cell_error_and_path(nlsr_home, tmp_path):
@@ -111,7 +146,21 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     overlap = json.loads((results_dir("smoke") / "04_overlap.json").read_text())
     assert all(0.0 <= r["jaccard"] <= 1.0 for r in overlap) and {r["kind"] for r in overlap} == {"scorers", "methods"}
     restored = json.loads((results_dir("smoke") / "05_restoration.json").read_text())
-    assert all({"task", "method", "poison_ratio", "defense", "harmful_score", "accuracy"} <= set(r) for r in restored)
+    assert all({"task", "method", "poison_ratio", "defense", "benchmark", "judge", "harmful_score"} <= set(r)
+               for r in restored)
+    primary = [r for r in restored if r["benchmark"] == "beavertails_30k_test"]
+    assert primary and all("accuracy" in r and r["judge"] == params.judges.primary for r in primary)
+    # the evaluation suite on the main attack: every benchmark × judge for aligned, none, nlsr and random_mask
+    suite = [r for r in restored if r["benchmark"] != "beavertails_30k_test"]
+    e = params.evaluation
+    assert {(r["benchmark"], r["wrapper"], r["judge"], r["defense"]) for r in suite} == {
+        (b, w, j, d) for b in e.benchmarks for w in e.wrappers for j in e.judges
+        for d in ("aligned", "none", "nlsr", "random_mask")}
+    assert all(r["n_seeds"] == 2 and 0 <= r["over_refusal"] <= 100 and 0 <= r["capability_tiny_facts"] <= 100
+               for r in suite)
+    assert json.loads((results_dir("smoke") / "05_judge_agreement.json").read_text())[0]["n"] > 0
+    fused_suite = json.loads((results_dir("smoke") / "06_benchmarks.json").read_text())
+    assert {r["judge"] for r in fused_suite} == set(e.judges) and {r["inputs"] for r in fused_suite} == {"sst2"}
     assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "safelora_delta", "resta",
                                                 "aligned_adapter", "random_mask"}
     fused = json.loads((results_dir("smoke") / "06_model_fusion.json").read_text())

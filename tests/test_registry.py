@@ -70,6 +70,10 @@ FAMILIES = [  # (declared names, module, registry)
     (names.SIMILARITIES, "nlsr_lib.restore.similarity", "SIMILARITIES"),
     (names.CORRECTIONS, "nlsr_lib.restore.correction", "CORRECTIONS"),
     (names.JUDGES, "nlsr_lib.evaluate.judges", "JUDGES"),
+    (names.BENCHMARKS, "nlsr_lib.evaluate.benchmarks", "BENCHMARKS"),
+    (names.WRAPPERS, "nlsr_lib.evaluate.wrappers", "WRAPPERS"),
+    (names.KEYWORD_LISTS, "nlsr_lib.evaluate.keywords", "KEYWORD_LISTS"),
+    (names.LLM_PROTOCOLS, "nlsr_lib.evaluate.llm_judges", "PROTOCOLS"),
 ]
 
 

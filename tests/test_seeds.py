@@ -46,11 +46,11 @@ def test_bad_seeds_are_named_errors():
 
 
 def test_headline_tables_run_at_every_seed_the_rest_at_the_first():
-    assert seeds_for(TINY, headline=True) == TINY.seeds
-    assert seeds_for(TINY, headline=False) == TINY.seeds[:1]
-    everything = dataclasses.replace(TINY, seed_scope="all")
-    assert seeds_for(everything, headline=False) == TINY.seeds
-    assert [s for s, _ in replicates(TINY)] == list(TINY.seeds)
+    headline = dataclasses.replace(TINY, seed_scope="headline")
+    assert seeds_for(headline, headline=True) == TINY.seeds
+    assert seeds_for(headline, headline=False) == TINY.seeds[:1]
+    assert TINY.seed_scope == "all" and seeds_for(TINY, headline=False) == TINY.seeds  # the tiny profile
+    assert [s for s, _ in replicates(headline)] == list(TINY.seeds)
 
 
 def test_headline_attacks_are_dpo_on_sst2_over_ratios_and_every_task_at_p_0_1():
@@ -81,11 +81,15 @@ def test_every_seed_has_its_own_training_stages_and_shares_the_untrained_ones(tm
     assert sum(n.stage == "generations/base/test" for n in nodes.values()) == 1
     single = _plan(dataclasses.replace(TINY, seeds=TINY.seeds[:1]), "01")
     assert {n.kind for n in single.values()} == set(by_kind)
-    per_seed = n_methods * (2 + len(TINY.judges.enabled))  # an alignment, its generations, one verdict per judge
+    e = TINY.evaluation  # the suite: each benchmark × wrapper's generations and verdicts, XSTest, capability
+    suite = len(e.benchmarks) * len(e.wrappers) * (1 + len(e.judges)) + 2 * bool(e.over_refusal) + len(e.capability)
+    # an alignment, its generations, one verdict per judge, and the suite of the aligned model
+    per_seed = n_methods * (2 + len(TINY.judges.enabled) + suite)
     assert len(nodes) - len(single) == (n_seeds - 1) * per_seed
 
 
 def test_single_seed_tables_plan_only_the_first_seed(tmp_path, monkeypatch):
     monkeypatch.setenv("NLSR_HOME", str(tmp_path))
-    one = _plan(dataclasses.replace(TINY, seeds=TINY.seeds[:1]), "07")
-    assert set(_plan(TINY, "07")) == set(one)
+    headline = dataclasses.replace(TINY, seed_scope="headline")
+    one = _plan(dataclasses.replace(headline, seeds=TINY.seeds[:1]), "07")
+    assert set(_plan(headline, "07")) == set(one)

@@ -89,6 +89,7 @@ PATHS_AND_SIZES = {
     "fusion.learned_mask.n_pairs", "fusion.learned_mask.epochs", "fusion.learned_mask.max_length",
     *(f"ablation.{k}" for k in ("mask_sparsity", "rank_keep_ratio", "prune_rate", "epsilon", "tau", "scorers",
                                 "seeds")),
+    "evaluation.limit",
 }
 
 

@@ -9,6 +9,8 @@
     restore   restore                                       notebooks 05, 07
     fusion    fusion, learned_mask, learned_mask_random     notebook 06
     ablation  the ablation points (restore stages)          notebook 07
+    suite     benchmark_generations, over_refusal,          notebooks 01, 05, 06 (the evaluation suite)
+              capability
 
 Every stage kind is registered in :data:`STAGES` with its declared reads and version (:mod:`.graph`);
 :mod:`.notebooks` says what each notebook measures, :mod:`.plan` turns that into a graph with counts, and
@@ -17,7 +19,7 @@ Every stage kind is registered in :data:`STAGES` with its declared reads and ver
 
 from __future__ import annotations
 
-from . import ablation, align, attack, evaluate, expo, fusion, regions, restore, world  # noqa: F401  (registers)
+from . import ablation, align, attack, evaluate, expo, fusion, regions, restore, suite, world  # noqa: F401  (registers)
 from .graph import STAGES, ModelRef, StageKind, stage_kind
 
 __all__ = ["STAGES", "ModelRef", "StageKind", "stage_kind"]

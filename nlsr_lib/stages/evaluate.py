@@ -116,41 +116,91 @@ def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_nam
                    inputs={"model": ref.artifact, **inputs}, counts=counts)
 
 
-def judge_for(params: Params, run: Run, judge_name: str) -> tuple[Callable[[], Any], dict[str, Artifact]]:
-    """A getter of the judge ``judge_name`` (built on first call, once per run) and the artifacts it depends on
-    (the moderation model), so a cached judge stage never loads the judge."""
+def judge_for(params: Params, run: Run, judge_name: str) -> tuple[Callable[[], Any], dict[str, Artifact], tuple, dict]:
+    """A getter of the judge ``judge_name`` (built on first call, once per run), the artifacts it depends on (the
+    moderation model), the params it reads and the values that key it beyond params (the LLM judge's model, named
+    by an environment variable), so a cached judge stage never loads the judge."""
     from ..evaluate.judges import build_judge
 
+    j = params.judges
     inputs: dict[str, Artifact] = {}
     kwargs: dict[str, Any] = {}
+    reads: tuple[str, ...] = (f"judges.{judge_name}",) if judge_name != "moderation" else ("judges.moderation",)
+    values: dict[str, Any] = {}
     if judge_name == "moderation":
         moderation = moderation_stage(params, run)
         inputs["judge"] = moderation
-        kwargs = {"path": moderation_location(params, moderation), "cfg": params.judges.moderation}
-    return (lambda: run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))), inputs
+        kwargs = {"path": moderation_location(params, moderation), "cfg": j.moderation}
+    elif judge_name == "keyword":
+        kwargs = {"cfg": j.keyword}
+    elif judge_name == "llm":
+        import os
+
+        kwargs = {"cfg": j.llm, "cache_dir": run.root / "llm_judge_cache"}
+        values = {"judge_model": os.environ.get(j.llm.model_env, "")}
+    elif judge_name == "llama_guard":
+        kwargs = {"cfg": j.llama_guard}
+    return (lambda: run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))), inputs, reads, values
 
 
-@stage_kind("judge", reads=(), consumes=("generations", "moderation"), device="gpu", args=("judge",))
+def verdict_row(row: dict, verdict) -> dict:
+    """A generations row with one judge's verdict (spec/evaluation.md §2.0: verdict, score, parsed, raw)."""
+    return {**row, "flagged": verdict.flagged, "empty": verdict.empty, "categories": list(verdict.categories),
+            "max_probability": verdict.max_probability, "parsed": verdict.parsed, "score": verdict.score,
+            "label": verdict.label, "error": verdict.error}
+
+
+USAGE_FIELDS = ("calls", "cache_hits", "prompt_tokens", "completion_tokens")
+
+
+def usage_counts(judge) -> dict[str, float] | None:
+    """An API judge's running usage (calls, cache hits, tokens, cost in USD where priced); None for a local judge."""
+    usage = getattr(judge, "usage", None)
+    if usage is None:
+        return None
+    counts = {k: getattr(usage, k) for k in USAGE_FIELDS}
+    return {**counts, "cost": usage.cost or 0.0}
+
+
+def by_category(rows: Sequence[dict], verdicts: Sequence) -> dict[str, dict]:
+    """Per-category harmful score and counts of a benchmark's verdicts (categories as the set labels them)."""
+    from ..evaluate.judges import harmful_score
+
+    groups: dict[str, list] = {}
+    for row, verdict in zip(rows, verdicts):
+        if row.get("category") is not None:
+            groups.setdefault(row["category"], []).append(verdict)
+    return {c: {"harmful_score": harmful_score(v) if any(x.parsed for x in v) else None, "n": len(v)}
+            for c, v in groups.items()}
+
+
+@stage_kind("judge", reads=(), consumes=("generations", "benchmark_generations", "moderation"), device="gpu",
+            args=("judge",))
 def judge_stage(params: Params, run: Run, generations: Artifact, judge_name: str) -> Artifact:
-    """Verdicts of one judge on a generations artifact and the harmful score 100·flagged/N."""
-    from ..evaluate.judges import empty_share, harmful_score
+    """Verdicts of one judge on a generations artifact and the harmful score 100·flagged/parsed (spec/evaluation.md
+    §2.0), with ``empty``, the count of unjudged items and, where the prompts have categories, per category."""
+    from ..evaluate.judges import empty_share, harmful_score, unjudged_count
 
-    get_judge, judge_inputs = judge_for(params, run, judge_name)
+    get_judge, judge_inputs, judge_reads, judge_values = judge_for(params, run, judge_name)
 
     def build(out: Path) -> dict:
         rows = json.loads((generations.path / "generations.json").read_text())
-        verdicts = get_judge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
-        atomic_write_json(out / "verdicts.json", [
-            {**r, "flagged": v.flagged, "empty": v.empty, "categories": list(v.categories),
-             "max_probability": v.max_probability} for r, v in zip(rows, verdicts)])
-        return {"harmful_score": harmful_score(verdicts), "empty": empty_share(verdicts), "n": len(verdicts)}
+        judge = get_judge()
+        before = usage_counts(judge)
+        verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+        atomic_write_json(out / "verdicts.json", [verdict_row(r, v) for r, v in zip(rows, verdicts)])
+        summary = {"harmful_score": harmful_score(verdicts), "empty": empty_share(verdicts), "n": len(verdicts),
+                   "n_unjudged": unjudged_count(verdicts)}
+        if before is not None:  # an API judge: what this stage cost (the judge is shared by the run's stages)
+            summary["usage"] = {k: v - before[k] for k, v in usage_counts(judge).items()}
+        categories = by_category(rows, verdicts)
+        return {**summary, "by_category": categories} if categories else summary
 
     n = generations_count(run, generations)
     return request(params, run, "judge", f"judge/{judge_name}/{generations.stage.removeprefix('generations/')}",
-                   build, args={"judge": judge_name},
-                   reads=("judges.moderation",) if judge_name == "moderation" else (),
+                   build, args={"judge": judge_name}, reads=judge_reads, values=judge_values,
                    inputs={"generations": generations, **judge_inputs},
-                   counts={"judged_responses": n, "model_loads": int(judge_name == "moderation")})
+                   counts={"judged_responses": n, "model_loads": int(judge_name in ("moderation", "llama_guard"))})
 
 
 def generations_count(run: Run, generations: Artifact) -> int:

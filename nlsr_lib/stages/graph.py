@@ -88,7 +88,7 @@ def request(params: Params, run: Run, kind: str, name: str, build: Callable[[Pat
                      device=spec.device)
 
 
-EVALUATION_KINDS = frozenset({"generations", "accuracy", "calibration", "judge"})
+EVALUATION_KINDS = frozenset({"generations", "benchmark_generations", "accuracy", "calibration", "judge", "capability"})
 """Stage kinds served by the models a process keeps (the generation engine's bases, the moderation judge)."""
 
 

@@ -24,6 +24,7 @@ from .expo import expo_alphas, expo_stage, identity_alpha, reference_stage
 from .fusion import fusion_names, fusion_stage, learned_mask_stage, task_refs
 from .regions import calibration_stage, mask_stage
 from .restore import defence_names, defence_stage
+from .suite import judge_agreement, suite_rows
 from .world import base_model_stage, moderation_stage
 
 NOTEBOOK_STAGES: Registry[Callable[[Params, Run], dict[str, Any]]] = Registry("notebook")
@@ -36,6 +37,23 @@ def first_replicate(params: Params) -> Params:
 
 def _summary(run: Run, artifact) -> dict | None:
     return None if run.planning else artifact.manifest()["summary"]
+
+
+PRIMARY_SET = "beavertails_30k_test"
+"""The benchmark of every table's primary harmful score: the ``test`` slice of BeaverTails ``30k_test``."""
+
+
+def primary_fields(params: Params) -> dict[str, str]:
+    """The benchmark fields of a primary-set row (spec/evaluation.md §2.0: every row names its judge)."""
+    return {"benchmark": PRIMARY_SET, "wrapper": "identity", "judge": params.judges.primary}
+
+
+def _suite(params: Params, run: Run, models: dict[str, Any], **where: Any) -> list[dict]:
+    """The evaluation suite's rows (:func:`~nlsr_lib.stages.suite.suite_rows`) of each ``{label: model}``, each row
+    tagged with ``where`` and the label under the key ``label_key`` of ``where`` (popped)."""
+    key = where.pop("label_key")
+    return [{**where, key: label, **row} for label, model in models.items()
+            for row in suite_rows(params, run, model) or []]
 
 
 @NOTEBOOK_STAGES.register("01")
@@ -53,8 +71,11 @@ def alignment(params: Params, run: Run) -> dict[str, Any]:
             records += [{**r, "seed": seed} for r in harmful_scores(replica, run, name, "test") or []]
     first = first_replicate(params)
     generations = {name: generations_stage(first, run, name, "test") for name in names}
+    suite = [row for seed, replica in replicates(params)
+             for row in _suite(replica, run, {n: n for n in names}, label_key="method", seed=seed)]
     return {"base": _summary(run, base), "moderation": _summary(run, moderation), "aligned": aligned,
-            "records": records, "generations": generations}
+            "records": records, "generations": generations, "suite": suite,
+            "agreement": judge_agreement(first, run, names)}
 
 
 @NOTEBOOK_STAGES.register("02")
@@ -146,7 +167,27 @@ def _defend_all(params: Params, run: Run, method: str, task: str, p: float, seed
     for defence in defence_names(params):
         ref = defence_stage(params, run, attacked, method, defence)
         rows.append({**where, "defense": defence, **measure(params, run, ref, (task,))})
-    return rows
+    return [{**row, **primary_fields(params)} for row in rows]
+
+
+SUITE_DEFENCES = ("aligned", "none", "nlsr", "random_mask")
+"""The models of notebook 05 that the evaluation suite measures: before the attack, after it, NLSR and its
+random-mask control."""
+
+
+def suite_attack(params: Params) -> tuple[str, str, float]:
+    """The attack notebook 05 runs the evaluation suite on: DPO on the first task at the ratio nearest 0.1 (the
+    paper's main setting)."""
+    return "dpo", params.attack.tasks[0], min(params.attack.poison_ratios, key=lambda p: abs(p - 0.1))
+
+
+def _suite_models(params: Params, run: Run) -> dict[str, Any]:
+    method, task, p = suite_attack(params)
+    attacked = attack_stage(params, run, method, task, p)
+    models = {"aligned": aligned_adapter_ref(params, run, method)}
+    models.update({d: defence_stage(params, run, attacked, method, d) for d in SUITE_DEFENCES[1:]
+                   if d in defence_names(params)})
+    return models
 
 
 @NOTEBOOK_STAGES.register("05")
@@ -166,6 +207,9 @@ def restoration(params: Params, run: Run) -> dict[str, Any]:
         if seed in seeds_for(params, headline=False):
             for method in (m for m in params.alignment.methods if m != "dpo"):
                 records += _defend_all(replica, run, method, "sst2", a.methods_ratio, seed)
+        method, task, p = suite_attack(params)
+        records += _suite(replica, run, _suite_models(replica, run), label_key="defense", task=task, method=method,
+                          poison_ratio=p, seed=seed)
     first = first_replicate(params)
     similarity = []
     for p in a.poison_ratios:
@@ -174,7 +218,8 @@ def restoration(params: Params, run: Run) -> dict[str, Any]:
             from .restore import selection_records
 
             similarity += [{**rec, "poison_ratio": p} for rec in selection_records(defended)]
-    return {"records": records, "similarity": similarity}
+    agreement = judge_agreement(first, run, list(_suite_models(first, run).values()))
+    return {"records": records, "similarity": similarity, "agreement": agreement}
 
 
 def fusion_input_sets(params: Params) -> list[tuple[str, ...]]:
@@ -203,7 +248,11 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
                 records.append(row("none", task_refs(replica, run, tasks)[0]))
             for name in fusion_names(params):
                 records.append(row(name, fusion_stage(replica, run, tasks, name)))
+    suite = [row for seed, replica in replicates(params)
+             for row in _suite(replica, run, _fusion_suite_models(replica, run), label_key="fusion",
+                               inputs=params.attack.tasks[0], seed=seed)]
     first = first_replicate(params)
+    agreement = judge_agreement(first, run, list(_fusion_suite_models(first, run).values()))
     histories = {}
     for tasks in fusion_input_sets(params):
         learned = learned_mask_stage(first, run, tasks)
@@ -211,7 +260,15 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
             from .fusion import mask_history
 
             histories["+".join(tasks)] = mask_history(learned)
-    return {"records": records, "histories": histories}
+    return {"records": records, "histories": histories, "suite": suite, "agreement": agreement}
+
+
+def _fusion_suite_models(params: Params, run: Run) -> dict[str, Any]:
+    """Notebook 06's models under the evaluation suite: the aligned adapter, the adapter attacked on the first task
+    and every fusion of it."""
+    tasks = (params.attack.tasks[0],)
+    return {"aligned": aligned_adapter_ref(params, run, params.fusion.method), "none": task_refs(params, run, tasks)[0],
+            **{name: fusion_stage(params, run, tasks, name) for name in fusion_names(params)}}
 
 
 @NOTEBOOK_STAGES.register("07")

@@ -93,7 +93,7 @@ def calibration_stage(params: Params, run: Run, ref: ModelRef) -> Artifact:
 
 def _judge(params: Params, run: Run, gen_dir: Path) -> list[dict]:
     """Verdicts of the primary judge on ``gen_dir/generations.json``."""
-    get_judge, _ = judge_for(params, run, params.judges.primary)
+    get_judge = judge_for(params, run, params.judges.primary)[0]
     judge = get_judge()
     rows = json.loads((gen_dir / "generations.json").read_text())
     verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
