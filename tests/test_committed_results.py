@@ -15,9 +15,10 @@ from nlsr_lib.paths import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "results" / "tiny"
 TINY = load_params("params/tiny.yaml")
-TABLES = ("01_alignment", "02_before_attack", "02_harmful_finetuning", "03_safety_reference", "03_expo_chosen",
-          "04_safety_regions", "04_overlap", "05_restoration", "06_model_fusion", "07_restoration_ablation")
-METRICS = {"01_alignment": "harmful_score", "02_before_attack": "accuracy", "02_harmful_finetuning": "harmful_score",
+TABLES = ("01_alignment", "01_benchmarks", "02_before_attack", "02_harmful_finetuning", "03_safety_reference",
+          "03_expo_chosen", "04_safety_regions", "04_overlap", "05_restoration", "06_model_fusion", "06_benchmarks",
+          "07_restoration_ablation")
+METRICS = {"01_alignment": "harmful_score", "01_benchmarks": "harmful_score", "06_benchmarks": "harmful_score", "02_before_attack": "accuracy", "02_harmful_finetuning": "harmful_score",
            "03_safety_reference": "val_harmful_score", "03_expo_chosen": "expo", "04_safety_regions": "density",
            "04_overlap": "jaccard", "05_restoration": "harmful_score", "06_model_fusion": "harmful_score",
            "07_restoration_ablation": "harmful_score"}
@@ -89,7 +90,7 @@ def test_expo_lowers_every_methods_harmful_score_at_every_seed():
 
 
 def test_nlsr_beats_no_defence_and_the_random_control_on_every_attack_at_every_seed():
-    records = seeds_of("05_restoration")
+    records = [r for r in seeds_of("05_restoration") if r["benchmark"] == "beavertails_30k_test"]  # the primary set
     attacks = {(r["task"], r["poison_ratio"]) for r in records if r["method"] == "dpo"}
     assert len(attacks) == len(TINY.attack.poison_ratios) * len(TINY.attack.tasks)
     for task, p in attacks:
@@ -111,3 +112,32 @@ def test_learned_mask_and_rank_region_fusion_are_safer_than_their_baselines_at_e
             assert h["learned_mask"][seed] < h["learned_mask_random"][seed] - 10, (task, seed, h)
             assert h["region_rank_out"][seed] < h["task_arithmetic"][seed], (task, seed, h)
             assert acc["region_rank_out"][seed] >= acc["task_arithmetic"][seed] - 5, (task, seed, acc)
+
+
+# ------------------------------------------------------------------------------------------- the evaluation suite
+def test_the_suite_covers_ten_benchmarks_and_both_judges_for_the_four_models_of_notebook_05():
+    """Issue 16: rows for ≥ 10 benchmarks × {keyword, moderation} for aligned, attacked, NLSR and the random-mask
+    control, with over-refusal."""
+    suite = [r for r in table("05_restoration") if r["benchmark"] != "beavertails_30k_test"]
+    cells = {(r["benchmark"], r["judge"], r["defense"]) for r in suite}
+    benchmarks = {b for b, _, _ in cells}
+    assert len(benchmarks) >= 10 and cells == {(b, j, d) for b in benchmarks for j in ("moderation", "keyword")
+                                               for d in ("aligned", "none", "nlsr", "random_mask")}
+    assert all(r["over_refusal"] is not None and r["n_seeds"] == 3 for r in suite)
+
+
+def test_nlsr_beats_no_defence_and_the_random_mask_on_every_benchmark_and_judge_at_every_seed():
+    records = [r for r in seeds_of("05_restoration") if r["benchmark"] != "beavertails_30k_test"]
+    for benchmark, judge in {(r["benchmark"], r["judge"]) for r in records}:
+        h = {d: values(records, "harmful_score", benchmark=benchmark, judge=judge, defense=d)
+             for d in ("aligned", "none", "nlsr", "random_mask")}
+        for seed in TINY.seeds:
+            assert h["aligned"][seed] < h["none"][seed], (benchmark, judge, seed)
+            assert h["nlsr"][seed] < min(h["none"][seed], h["random_mask"][seed]), (benchmark, judge, seed)
+
+
+def test_the_judges_agree_as_the_readme_says():
+    for name in ("01", "05", "06"):
+        (row,) = table(f"{name}_judge_agreement")
+        assert {row["judge_a"], row["judge_b"]} == {"moderation", "keyword"} and 0.9 < row["kappa"] <= 1
+        assert row["ci_lo"] <= row["kappa"] <= row["ci_hi"]

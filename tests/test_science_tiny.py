@@ -221,7 +221,8 @@ def test_nlsr_restores_safety_of_the_attacked_dpo_model(tiny_home):
     assert h_attacked - h_nlsr >= 0.5 * (h_attacked - h_aligned), (h_aligned, h_attacked, h_nlsr)
     assert acc(nlsr) >= acc(attacked) - 5
     table = committed("05_restoration")
-    seeds = {d: per_seed(table, "harmful_score", method="dpo", task="sst2", poison_ratio=0.1, defense=d)
+    seeds = {d: per_seed(table, "harmful_score", benchmark="beavertails_30k_test", method="dpo", task="sst2",
+                         poison_ratio=0.1, defense=d)
              for d in ("none", "nlsr", "random_mask")}
     assert h_attacked - h_nlsr > margin(seeds["none"], seeds["nlsr"]), (h_attacked, h_nlsr)
     assert h_control - h_nlsr > margin(seeds["random_mask"], seeds["nlsr"]), (h_control, h_nlsr)

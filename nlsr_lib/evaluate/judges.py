@@ -120,7 +120,7 @@ class KeywordJudge:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LOADED: dict[tuple, tuple[Any, Any]] = {}  # (path, dtype, device, trust_remote_code, files) -> (model, tokenizer)
+_LOADED: dict[tuple, tuple[Any, Any]] = {}  # (path, class, dtype, device, trust_remote_code, files) -> (model, tok)
 _LOADED_LOCK = threading.Lock()
 
 
@@ -154,19 +154,35 @@ def _files_stamp(path_or_id: str | Path) -> tuple:
                         for st in (f.stat(),)))
 
 
-def load_moderation_model(path_or_id: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "auto",
-                          trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """The (model, tokenizer) of a beaver-dam-style classifier, loaded once per process for each (path, dtype,
-    device): evaluation judges many generation sets with one judge. The model is shared: never modify it."""
+JUDGE_MODEL_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForCausalLM")
+"""The transformers classes a judge model is loaded with: a classifier (beaver-dam) or a generative judge
+(Llama Guard)."""
+
+
+def load_judge_model(path_or_id: str | Path, model_class: str, dtype: str | torch.dtype = "bfloat16",
+                     device: str = "auto", trust_remote_code: bool = False, what: str = "judge") -> tuple[Any, Any]:
+    """The (model, tokenizer) of a judge, loaded once per process for each (path, class, dtype, device) and loaded
+    again when a local directory is rewritten in place: evaluation judges many generation sets with one judge. The
+    model is shared: never modify it. Its weights are checked finite (``what`` names it in the error)."""
+    if model_class not in JUDGE_MODEL_CLASSES:
+        raise ValueError(f"judge model class {model_class!r} is not supported; "
+                         f"allowed: {', '.join(JUDGE_MODEL_CLASSES)}")
     name, where = _dtype_name(dtype), resolve_device(device)
-    head = (str(path_or_id), name, where, bool(trust_remote_code))
+    head = (str(path_or_id), model_class, name, where, bool(trust_remote_code))
     key = (*head, _files_stamp(path_or_id))
     with _LOADED_LOCK:
         if key not in _LOADED:
-            for stale in [k for k in _LOADED if k[:4] == head]:  # the same directory, rewritten since
+            for stale in [k for k in _LOADED if k[:5] == head]:  # the same directory, rewritten since
                 del _LOADED[stale]
-            _LOADED[key] = _load_moderation_model(path_or_id, DTYPES[name], where, trust_remote_code)
+            _LOADED[key] = _load_judge_model(path_or_id, model_class, DTYPES[name], where, trust_remote_code, what)
         return _LOADED[key]
+
+
+def load_moderation_model(path_or_id: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "auto",
+                          trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The (model, tokenizer) of a beaver-dam-style classifier (:func:`load_judge_model`)."""
+    return load_judge_model(path_or_id, "AutoModelForSequenceClassification", dtype, device, trust_remote_code,
+                            what=f"moderation judge {path_or_id}")
 
 
 def clear_moderation_cache() -> None:
@@ -175,18 +191,19 @@ def clear_moderation_cache() -> None:
         _LOADED.clear()
 
 
-def _load_moderation_model(path_or_id: str | Path, dtype: torch.dtype, device: str,
-                           trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _load_judge_model(path_or_id: str | Path, model_class: str, dtype: torch.dtype, device: str,
+                      trust_remote_code: bool, what: str) -> tuple[Any, Any]:
+    import transformers
+    from transformers import AutoTokenizer
 
     from ..models import check_finite
 
     tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = getattr(transformers, model_class).from_pretrained(
         str(path_or_id), dtype=dtype, device_map=None if device == "cpu" else {"": device},
         trust_remote_code=trust_remote_code)
     with torch.no_grad():
-        check_finite(model.named_parameters(), f"moderation judge {path_or_id}")
+        check_finite(model.named_parameters(), what)
     return model.eval(), tok
 
 

@@ -28,7 +28,6 @@ Which text the model reads (spec §2.4 "Which form to send"), decided from its t
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from .guard_format import (
     llama_guard_prompt,
     parse_llama_guard,
 )
-from .judges import DTYPES, Verdict, _dtype_name, _files_stamp, check_lengths, is_empty, resolve_device
+from .judges import Verdict, check_lengths, clear_moderation_cache, is_empty, load_judge_model
 
 
 # ============================================================================================ input forms
@@ -103,47 +102,19 @@ def input_form(tokenizer) -> str:
 
 
 # ============================================================================================ loading
-_LOADED: dict[tuple, tuple[Any, Any]] = {}  # (path, dtype, device, trust_remote_code, files) -> (model, tokenizer)
-_LOADED_LOCK = threading.Lock()
-
-
 def load_guard_model(path_or_id: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "auto",
                      trust_remote_code: bool = False) -> tuple[Any, Any]:
     """The (model, tokenizer) of a Llama-Guard-style causal LM, loaded once per process for each (path, dtype,
-    device), like :func:`~nlsr_lib.evaluate.judges.load_moderation_model`. Shared: never modify it."""
-    name, where = _dtype_name(dtype), resolve_device(device)
-    head = (str(path_or_id), name, where, bool(trust_remote_code))
-    key = (*head, _files_stamp(path_or_id))
-    with _LOADED_LOCK:
-        if key not in _LOADED:
-            for stale in [k for k in _LOADED if k[:4] == head]:
-                del _LOADED[stale]
-            _LOADED[key] = _load_guard_model(path_or_id, DTYPES[name], where, trust_remote_code)
-        return _LOADED[key]
+    device) (:func:`~nlsr_lib.evaluate.judges.load_judge_model`). Shared: never modify it."""
+    return load_judge_model(path_or_id, "AutoModelForCausalLM", dtype, device, trust_remote_code,
+                            what=f"Llama Guard judge {path_or_id}")
 
 
 def clear_guard_cache() -> None:
-    """Forget every loaded Llama Guard model."""
-    with _LOADED_LOCK:
-        _LOADED.clear()
+    """Forget every loaded judge model (the moderation and Llama Guard judges share one cache)."""
+    clear_moderation_cache()
 
 
-def _load_guard_model(path_or_id: str | Path, dtype: torch.dtype, device: str,
-                      trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..models import check_finite
-
-    tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path_or_id), dtype=dtype, device_map=None if device == "cpu" else {"": device},
-        trust_remote_code=trust_remote_code)
-    with torch.no_grad():
-        check_finite(model.named_parameters(), f"Llama Guard judge {path_or_id}")
-    return model.eval(), tok
-
-
-# ============================================================================================ the judge
 def _first_token(tokenizer, word: str) -> int:
     ids = tokenizer.encode(word, add_special_tokens=False)
     if not ids:
