@@ -68,7 +68,8 @@ def alignment(params: Params, run: Run) -> dict[str, Any]:
         trained = {m: align_stage(replica, run, m) for m in params.alignment.methods}
         aligned += [{"method": m, "seed": seed, **(_summary(run, a) or {})} for m, a in trained.items()]
         for name in names:
-            records += [{**r, "seed": seed} for r in harmful_scores(replica, run, name, "test") or []]
+            records += [{**r, "benchmark": PRIMARY_SET, "wrapper": "identity", "seed": seed}
+                        for r in harmful_scores(replica, run, name, "test") or []]
     first = first_replicate(params)
     generations = {name: generations_stage(first, run, name, "test") for name in names}
     suite = [row for seed, replica in replicates(params)
@@ -240,7 +241,7 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
                 continue
 
             def row(name: str, ref) -> dict:
-                return {"fusion": name, "inputs": "+".join(tasks), "seed": seed,
+                return {"fusion": name, "inputs": "+".join(tasks), "seed": seed, **primary_fields(params),
                         **measure(replica, run, ref, tasks, per_task=True)}
 
             records.append(row("aligned", aligned_adapter_ref(replica, run, f.method)))
