@@ -130,7 +130,7 @@ REQUIRED = {
     "03_safety_reference": {"method", "alpha", "mode", "harmful_score", "chosen"},
     "04_safety_regions": {"scorer", "reference", "mask_sparsity", "density"},
     "04_overlap": {"kind", "jaccard"},
-    "05_restoration": {"task", "method", "poison_ratio", "defense", "harmful_score", "accuracy"},
+    "05_restoration": {"task", "method", "poison_ratio", "defense", "benchmark", "judge", "harmful_score"},
     "06_model_fusion": {"fusion", "inputs", "harmful_score", "accuracy"},
     "07_restoration_ablation": {"ablation", "value", "harmful_score", "accuracy"},
 }
@@ -178,6 +178,12 @@ def test_notebooks_01_to_07_run_on_the_standin_profile(assets, tmp_path, monkeyp
     assert {r["scorer"] for r in results["04_safety_regions"]} >= set(params.regions.scorers)
     restored = results["05_restoration"]
     assert {r["task"] for r in restored} == tasks and {r["method"] for r in restored} == methods
+    assert all("accuracy" in r for r in restored if r["benchmark"] == "beavertails_30k_test")
+    # the evaluation suite read the real benchmark files (../shared/data) and judged them with both judges
+    suite = [r for r in restored if r["benchmark"] != "beavertails_30k_test"]
+    assert {(r["benchmark"], r["judge"]) for r in suite} == {
+        (b, j) for b in params.evaluation.benchmarks for j in params.evaluation.judges}
+    assert all(r["n_prompts"] == params.evaluation.limit for r in suite)
     assert {r["defense"] for r in restored} == {"aligned", *defence_names(params)}
     fused = results["06_model_fusion"]
     assert {r["fusion"] for r in fused} == {"aligned", "none", *fusion_names(params)}
