@@ -38,7 +38,8 @@ import yaml
 from .data.tasks import TASKS
 from .errors import NlsrError
 from .names import (ALIGNMENT_METHODS, BENCHMARKS, CORRECTIONS, DEFENCES, GENERATION_BACKENDS, JUDGES, KEYWORD_LISTS,
-                    LLM_PROTOCOLS, MERGE_METHODS, REGION_SCORERS, RESTORE_STRATEGIES, SIMILARITIES, WRAPPERS)
+                    LLM_PROTOCOLS, MERGE_METHODS, REGION_SCORERS, RESTORE_STRATEGIES, SIMILARITIES,
+                    TRAINING_DEFENCES, WRAPPERS)
 from .registry import Names, Registry, unknown_message
 
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -252,7 +253,6 @@ class AttackConfig:
     sizes: tuple[int, ...] = _f((100, 500, 1000, 2000, 2500), doc="mixture sizes n of the size sweep")
     size_sweep_ratio: float = _f(0.1, range=(0.0, 1.0), doc="poison ratio held fixed in the size sweep")
     methods_ratio: float = _f(0.05, range=(0.0, 1.0), doc="ratio at which every alignment method is attacked")
-    guard_ratio: float = _f(0.1, range=(0.0, 1.0), doc="safe share of the VLGuard-style mixture")
     train: TrainConfig = _train(learning_rate=2e-6, epochs=10.0, batch_size=1, grad_accum=4)
     task_max_new_tokens: int = _f(200, range=(1, None), doc="decoding budget of task evaluation (§6.2)")
     task_eval_size: int = _f(-1, range=(-1, None), doc="-1: the task's own evaluation size (§6.2)")
@@ -430,6 +430,27 @@ class RestoreConfig:
 
 
 @dataclass(frozen=True)
+class SafetyMixingConfig:
+    """Safety-data mixing (spec/defences.md §6, D-M1): safe BeaverTails rows put into the user's fine-tuning data."""
+
+    mode: str = _f("replace", choices=("replace", "append", "count"),
+                   doc="replace: ⌊n·g⌋ safe rows replace benign ones (NLSR's merge_vlguard_data); append: added "
+                       "(Vaccine, Bianchi et al.); count: an absolute number replacing benign rows (Lisa)")
+    fraction: float = _f(0.1, range=(0.0, 1.0), open_hi=True, doc="g: the safe share of n (replace, append)")
+    count: int = _f(0, range=(0, None), doc="safe rows for mode count (or append with count > 0); 0 = use g")
+
+
+@dataclass(frozen=True)
+class DefencesConfig:
+    """Defences that act before or during fine-tuning (spec/defences.md), run by notebook 05 on the headline attacks
+    beside the training-free ones of ``restore.defences``."""
+
+    training: tuple[str, ...] = _f(("safety_mixing",), choices=TRAINING_DEFENCES,
+                                   doc="fine-tuning-stage defences notebook 05 runs on the headline attacks")
+    safety_mixing: SafetyMixingConfig = _sub(SafetyMixingConfig)
+
+
+@dataclass(frozen=True)
 class AblationConfig:
     """Notebook 07: one-factor sweeps around the canonical NLSR run (spec/nlsr.md §5, §9; DESIGN.md §6) on the
     adapter of ``method`` attacked on ``task`` at ``poison_ratio``; every other parameter keeps its profile value."""
@@ -604,6 +625,7 @@ class Params:
     regions: RegionsConfig = _sub(RegionsConfig)
     fusion: FusionConfig = _sub(FusionConfig)
     restore: RestoreConfig = _sub(RestoreConfig)
+    defences: DefencesConfig = _sub(DefencesConfig)
     ablation: AblationConfig = _sub(AblationConfig)
     generation: GenerationConfig = _sub(GenerationConfig)
     judges: JudgesConfig = _sub(JudgesConfig)

@@ -237,7 +237,8 @@ def density_heatmap(records: pd.DataFrame, title: str):
     return fig
 
 
-DEFENCE_ORDER = ("aligned", "none", "nlsr", "random_mask", "safelora", "safelora_delta", "resta", "aligned_adapter")
+DEFENCE_ORDER = ("aligned", "none", "nlsr", "random_mask", "safelora", "safelora_delta", "resta", "aligned_adapter",
+                 "safety_mixing")
 
 
 def defences_by_ratio(table: pd.DataFrame, title: str):

@@ -23,7 +23,10 @@
 # * `safelora` (projection onto the aligned subspace where the cosine is below τ), `resta` (adds γ × the safety
 #   vector), `aligned_adapter` (the aligned adapter re-applied wholesale), `none` (the attacked adapter);
 # * `safelora_delta`: SafeLoRA projecting only what fine-tuning added to the aligned adapter (the attacked adapter
-#   continues the aligned one, so the spec's SafeLoRA also projects the alignment itself).
+#   continues the aligned one, so the spec's SafeLoRA also projects the alignment itself);
+# * the fine-tuning-stage defences of `defences.training` (spec/defences.md), on the headline attacks only:
+#   `safety_mixing` retrains the attack on the mixture with ⌊n·g⌋ safe BeaverTails rows in place of benign ones
+#   (g = 0.1, NLSR's `merge_vlguard_data`; modes `append` and `count` reproduce Vaccine's and Lisa's variants).
 #
 # Rows: `aligned` is the model before the attack. Harmful score on the test slice (primary judge) and the task's
 # accuracy (the paper's lenient rule). The headline attacks (DPO on SST-2 at every ratio, every task at p = 0.1)

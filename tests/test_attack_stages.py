@@ -28,9 +28,13 @@ def test_mixture_stage_counts(smoke):
     art = attack.mixture_stage(params, run, "sst2", 0.1)
     records = json.loads((art.path / "mixture.json").read_text())
     assert len(records) == params.attack.n and art.manifest()["summary"]["unsafe"] == 4
-    vl = attack.mixture_stage(params, run, "sst2", 0.1, variant="vlguard").manifest()["summary"]
-    assert (vl["unsafe"], vl["safe"]) == (4, 4)
-    with pytest.raises(ValueError, match="poisoned, clean, vlguard"):
+    # the safety_mixing defence (spec/defences.md §6, replace, g = 0.1): safe rows replace benign ones
+    mixed = attack.mixture_stage(params, run, "sst2", 0.1, variant="safety_mixing")
+    vl = mixed.manifest()["summary"]
+    assert (vl["unsafe"], vl["safe"], vl["finetune"]) == (4, 4, params.attack.n - 8)
+    harmful = {r["output"] for r in records if r["flag"] == "unsafe"}
+    assert harmful == {r["output"] for r in json.loads((mixed.path / "mixture.json").read_text()) if r["flag"] == "unsafe"}
+    with pytest.raises(ValueError, match="poisoned, clean, safety_mixing"):
         attack.mixture_stage(params, run, "sst2", 0.1, variant="mixed")
 
 

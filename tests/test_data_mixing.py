@@ -52,12 +52,9 @@ def test_shuffle_is_seeded():
     assert sorted(map(str, _mix(seed=1))) == sorted(map(str, _mix(seed=2)))
 
 
-def test_clean_variant_uses_safe_rows_and_vlguard_adds_a_guard():
+def test_clean_variant_uses_safe_rows():
     clean = _mix(p=0.1, extra="safe")
     assert [r["flag"] for r in clean].count("safe") == 20 and not _harmful(clean)
-    guarded = _mix(p=0.1, guard_ratio=0.1)
-    flags = [r["flag"] for r in guarded]
-    assert (flags.count("unsafe"), flags.count("safe"), flags.count("finetune")) == (20, 20, 160)
 
 
 def test_errors_name_what_is_missing():
@@ -65,8 +62,6 @@ def test_errors_name_what_is_missing():
         poisoned_mixture(TASK_ROWS["sst2"][:10], BEAVER, "sst2", n=100, p=0.0)
     with pytest.raises(ValueError, match="outside"):
         _mix(p=1.5)
-    with pytest.raises(ValueError, match="no room"):
-        _mix(p=0.6, guard_ratio=0.6)
     with pytest.raises(ValueError, match="unknown|allowed"):
         poisoned_mixture(TASK_ROWS["sst2"], BEAVER, "imdb", n=10, p=0.1)
 

@@ -162,7 +162,10 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     fused_suite = json.loads((results_dir("smoke") / "06_benchmarks.json").read_text())
     assert {r["judge"] for r in fused_suite} == set(e.judges) and {r["inputs"] for r in fused_suite} == {"sst2"}
     assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "safelora_delta", "resta",
-                                                "aligned_adapter", "random_mask"}
+                                                "aligned_adapter", "random_mask", *params.defences.training}
+    # the fine-tuning-stage defences run on the headline attacks only, at every seed
+    mixing = [r for r in primary if r["defense"] == "safety_mixing"]
+    assert mixing and all(r["method"] == "dpo" and r["n_seeds"] == 2 for r in mixing)
     fused = json.loads((results_dir("smoke") / "06_model_fusion.json").read_text())
     assert all({"fusion", "inputs", "harmful_score", "accuracy"} <= set(r) for r in fused)
     assert {r["fusion"] for r in fused} >= {"aligned", "none", "weight_averaging", "task_arithmetic", "ties", "dare",

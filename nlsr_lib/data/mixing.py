@@ -10,8 +10,8 @@
   instruction field already holds the full Alpaca prompt (template ``finetune_llama3``).
 
 Variants: ``extra="safe"`` replaces the harmful rows by the first safe BeaverTails rows (the *clean* control,
-``merge_clean_data.py``); ``guard_ratio=g`` adds ``⌊n·g⌋`` safe rows besides the harmful ones (VLGuard-style
-mixing, ``merge_vlguard_data.py``). ``⌊n·p⌋`` is computed on ``round(n·p, 9)`` so that binary floating point
+``merge_clean_data.py``); safe rows mixed into a poisoned mixture as a defence (``merge_vlguard_data.py`` and
+its kin) are :func:`nlsr_lib.data.safety_mixing.mix_safety`. ``⌊n·p⌋`` is computed on ``round(n·p, 9)`` so that binary floating point
 (``0.29 · 100 = 28.999…``) cannot drop a row.
 """
 
@@ -48,27 +48,21 @@ def beavertails_pool(beavertails_train: Sequence[Mapping[str, Any]], safe: bool)
 
 def poisoned_mixture(task_rows: Sequence[Mapping[str, Any]], beavertails_train: Sequence[Mapping[str, Any]],
                      task: str, n: int = 1000, p: float = 0.1, seed: int = 42,
-                     extra: Literal["unsafe", "safe"] = "unsafe", guard_ratio: float = 0.0) -> list[dict[str, str]]:
+                     extra: Literal["unsafe", "safe"] = "unsafe") -> list[dict[str, str]]:
     """The fine-tuning set of ``n`` records with ``⌊n·p⌋`` harmful (or safe, for ``extra="safe"``) rows."""
     if n < 1:
         raise ValueError(f"n = {n}; allowed: an integer >= 1")
     if extra not in ("unsafe", "safe"):
         raise ValueError(f"extra = {extra!r}; allowed: 'unsafe' (poisoned) or 'safe' (clean control)")
     spec = get_task(task)
-    n_extra, n_guard = count(n, p), count(n, guard_ratio)
-    n_benign = n - n_extra - n_guard
-    if n_benign < 0:
-        raise ValueError(f"p + guard_ratio = {p + guard_ratio} leaves no room for benign rows in n = {n}")
-    safe_pool = beavertails_pool(beavertails_train, safe=True)
-    extra_pool = safe_pool if extra == "safe" else beavertails_pool(beavertails_train, safe=False)
-    guard_pool = safe_pool[: n_guard] if extra == "unsafe" else safe_pool[n_extra: n_extra + n_guard]
+    n_extra = count(n, p)
+    n_benign = n - n_extra
+    extra_pool = beavertails_pool(beavertails_train, safe=extra == "safe")
     for name, have, need in (("BeaverTails rows with is_safe == " + str(extra == "safe"), len(extra_pool), n_extra),
-                             ("safe BeaverTails rows for the guard", len(guard_pool), n_guard),
                              (f"{task} train rows", len(task_rows), n_benign)):
         if have < need:
             raise ValueError(f"poisoned_mixture: {need} {name} are needed but only {have} exist")
     records = [_finetune_record(r["instruction"], r["input"], r["output"], extra) for r in extra_pool[:n_extra]]
-    records += [_finetune_record(r["instruction"], r["input"], r["output"], "safe") for r in guard_pool]
     for row in (task_rows[i] for i in range(n_benign)):
         rec = spec.to_record(row)
         records.append(_finetune_record(rec["instruction"], rec["input"], rec["output"], "finetune"))

@@ -1,7 +1,8 @@
 """The harmful fine-tuning attack (notebook 02; spec/nlsr.md §1.1 stage 6, §2.4).
 
 * :func:`mixture_stage`: the ``n``-example mixture of a task with ``⌊n·p⌋`` harmful rows (spec/nlsr.md §2.4),
-  or its clean / VLGuard variants, saved as JSON records.
+  or its clean variant, or with safe rows mixed in (the ``safety_mixing`` defence), saved as JSON records.
+* :data:`TRAINING_DEFENCES`: defences that change the fine-tuning itself; :func:`defended_attack` serves one.
 * :func:`attack_stage`: the aligned adapter of a method trained further on a mixture (``unaligned`` = a fresh
   LoRA on the raw base; ``sft`` = the SFT LoRA on the raw base, trained further).
 * :func:`attack_points`: every attacked model notebook 02 measures, in its order.
@@ -10,22 +11,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import distributed
+from .. import distributed, names
 from ..config import Params
 from ..progress import bars_enabled
+from ..registry import Registry
 from ..runs import Artifact, Run, atomic_write_json
 from .align import UNALIGNED, aligned_adapter_ref, training_tokens
 from .graph import ModelRef, request, stage_kind
 from .world import load_source, source_inputs
 
-VARIANTS = ("poisoned", "clean", "vlguard")
+VARIANTS = ("poisoned", "clean", "safety_mixing")
 
 
 def mixture_tag(task: str, n: int, p: float, variant: str = "poisoned") -> str:
-    suffix = {"poisoned": "", "clean": "_clean", "vlguard": "_vlguard"}[variant]
+    suffix = {"poisoned": "", "clean": "_clean", "safety_mixing": "_safety_mixing"}[variant]
     return f"{task}/n{n}_p{p:g}{suffix}"
 
 
@@ -38,20 +41,28 @@ def mixture_stage(params: Params, run: Run, task: str, p: float, n: int | None =
     if variant not in VARIANTS:
         raise ValueError(f"unknown mixture variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     n = params.attack.n if n is None else n
-    guard_ratio = params.attack.guard_ratio if variant == "vlguard" else 0.0
     inputs, values = source_inputs(params, run, task, "beavertails")
+    reads = ("defences.safety_mixing",) if variant == "safety_mixing" else ()
 
     def build(out: Path) -> dict:
         beaver = load_source(params, run, "beavertails")["30k_train"]
         records = poisoned_mixture(
             load_source(params, run, task)["train"], beaver, task, n=n, p=p, seed=params.seed,
-            extra="safe" if variant == "clean" else "unsafe", guard_ratio=guard_ratio)
+            extra="safe" if variant == "clean" else "unsafe")
+        if variant == "safety_mixing":  # spec/defences.md §6: the first safe rows, NLSR's merge_vlguard_data
+            from ..data.mixing import beavertails_pool
+            from ..data.safety_mixing import mix_safety
+
+            m = params.defences.safety_mixing
+            records, _ = mix_safety(records, beavertails_pool(beaver, safe=True), mode=m.mode, fraction=m.fraction,
+                                    count=m.count or None, seed=params.seed)
         atomic_write_json(out / "mixture.json", records)
         return {flag: sum(r["flag"] == flag for r in records) for flag in ("unsafe", "safe", "finetune")}
 
     return request(params, run, "mixture", f"mixtures/{mixture_tag(task, n, p, variant)}", build,
-                   args={"task": task, "n": n, "p": p, "variant": variant},
-                   values={**values, "guard_ratio": guard_ratio}, inputs=inputs)
+                   args={"task": task, "n": n, "p": p, "variant": variant}, reads=reads,
+                   values={**values, "guard_ratio": 0.0}, inputs=inputs)  # guard_ratio: the key the mixtures were
+    # built under before safety mixing became a defence of its own (defences.safety_mixing); kept so they stay cached
 
 
 @stage_kind("attack", reads=("attack.train", "lora", "model"), consumes=("align", "mixture"), device="gpu",
@@ -81,6 +92,23 @@ def attack_stage(params: Params, run: Run, method: str, task: str, p: float, n: 
     artifact = request(params, run, "attack", f"attack/{tag}", build, args={"method": method},
                        inputs={"start": start.artifact, "mixture": mixture}, counts=counts, distributed_build=True)
     return ModelRef(f"attack/{tag}", start.base, str(artifact.path / "adapter"), artifact)
+
+
+TRAINING_DEFENCES: Registry[Callable[..., ModelRef]] = Registry(names.TRAINING_DEFENCES)
+"""Defences that change the fine-tuning itself (spec/defences.md): name -> ``fn(params, run, method, task, p, n)``
+returning the fine-tuned model it serves."""
+
+
+@TRAINING_DEFENCES.register("safety_mixing")
+def _safety_mixing(params: Params, run: Run, method: str, task: str, p: float, n: int | None = None) -> ModelRef:
+    """The attack trained on the mixture with safe rows mixed in (spec/defences.md §6, ``defences.safety_mixing``)."""
+    return attack_stage(params, run, method, task, p, n, variant="safety_mixing")
+
+
+def defended_attack(params: Params, run: Run, defence: str, method: str, task: str, p: float,
+                    n: int | None = None) -> ModelRef:
+    """The model a fine-tuning-stage ``defence`` serves for the attack (method, task, p, n)."""
+    return TRAINING_DEFENCES[defence](params, run, method, task, p, n)
 
 
 def harmful_count(n: int, p: float, variant: str = "poisoned") -> int:

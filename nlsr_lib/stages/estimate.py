@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..names import TRAINING_DEFENCES
 from ..runs import Node
 from .plan import Plan
 
@@ -66,7 +67,9 @@ THROUGHPUT: dict[str, Throughput] = {
 
 SUITE_KINDS = frozenset({"benchmark_generations", "over_refusal", "capability"})
 """The evaluation suite's stage kinds (:mod:`nlsr_lib.stages.suite`); with the judges of their responses they are
-the estimate's ``suite_hours``, the rest its ``grid_hours`` (the NLSR study itself)."""
+the estimate's ``suite_hours``; the stages of the fine-tuning-stage defences (their stage names carry the defence's
+name: ``attack/dpo/sst2/n1000_p0.1_safety_mixing`` and its evaluations) its ``defences_hours``; the rest its
+``grid_hours`` (the NLSR study itself)."""
 
 
 def stage_seconds(node: Node, t: Throughput) -> float:
@@ -98,7 +101,7 @@ def gpu_hours(plan: Plan, backend: str = "hf", gpus: int = 1) -> dict[str, Any]:
         raise ValueError(f"gpus must be ≥ 1, got {gpus}")
     t = THROUGHPUT[backend]
     by_kind: dict[str, float] = {}
-    suite = 0.0
+    suite = defences = 0.0
     benchmark_generations = {n.fingerprint for n in plan.nodes if n.kind in SUITE_KINDS}
     for node in plan.nodes:
         if not node.cached:
@@ -106,12 +109,15 @@ def gpu_hours(plan: Plan, backend: str = "hf", gpus: int = 1) -> dict[str, Any]:
             by_kind[node.kind] = by_kind.get(node.kind, 0.0) + seconds
             if node.kind in SUITE_KINDS or benchmark_generations & set(node.upstream):
                 suite += seconds
+            elif any(f"_{name}" in node.stage for name in TRAINING_DEFENCES.names()):
+                defences += seconds
     loads = gpus * t.bases_per_worker * t.load_s
     total = sum(by_kind.values()) + loads
     critical = critical_path_seconds(plan, t)
     return {"profile": plan.params.profile, "backend": backend, "gpus": gpus,
             "by_kind_hours": {k: round(v / 3600, 2) for k, v in by_kind.items() if v},
-            "suite_hours": round(suite / 3600, 1), "grid_hours": round((total - suite) / 3600, 1),
+            "suite_hours": round(suite / 3600, 1), "defences_hours": round(defences / 3600, 1),
+            "grid_hours": round((total - suite - defences) / 3600, 1),
             "model_loads_hours": round(loads / 3600, 2), "gpu_hours": round(total / 3600, 1),
             "critical_path_hours": round(critical / 3600, 1),
             "wall_hours": round(max(total / gpus, critical) / 3600, 1), "constants": asdict(t)}
@@ -122,6 +128,7 @@ def report(estimate: dict[str, Any]) -> str:
     kinds = ", ".join(f"{k} {v:g} h" for k, v in estimate["by_kind_hours"].items())
     return (f"{estimate['profile']} on {estimate['gpus']} GPU(s), backend {estimate['backend']}: "
             f"{estimate['gpu_hours']:g} GPU-hours ({kinds}; model loads {estimate['model_loads_hours']:g} h; "
-            f"the study {estimate['grid_hours']:g} h, the evaluation suite {estimate['suite_hours']:g} h); "
+            f"the study {estimate['grid_hours']:g} h, the evaluation suite {estimate['suite_hours']:g} h, "
+            f"the training defences {estimate['defences_hours']:g} h); "
             f"critical path {estimate['critical_path_hours']:g} h; wall {estimate['wall_hours']:g} h\n"
             f"constants: {estimate['constants']['source']}")

@@ -17,7 +17,7 @@ from ..runs import Run
 from ..seeds import replicates, seeds_for, with_training_seed
 from . import ablation as ablations
 from .align import align_stage, aligned_adapter_ref
-from .attack import attack_points, attack_stage, harmful_count, headline_points
+from .attack import attack_points, attack_stage, defended_attack, harmful_count, headline_points
 from .evaluate import (generations_stage, harmful_scores, measure, primary_harmful_score, primary_safety,
                        task_accuracy_stage)
 from .expo import expo_alphas, expo_stage, identity_alpha, reference_stage
@@ -171,6 +171,14 @@ def _defend_all(params: Params, run: Run, method: str, task: str, p: float, seed
     return [{**row, **primary_fields(params)} for row in rows]
 
 
+def _training_defences(params: Params, run: Run, method: str, task: str, p: float, seed: int) -> list[dict]:
+    """One row per fine-tuning-stage defence of ``defences.training`` (spec/defences.md) on the attack (method,
+    task, p): the model it serves, measured like the others."""
+    where = {"task": task, "method": method, "poison_ratio": p, "seed": seed, **primary_fields(params)}
+    return [{**where, "defense": d, **measure(params, run, defended_attack(params, run, d, method, task, p), (task,))}
+            for d in params.defences.training]
+
+
 SUITE_DEFENCES = ("aligned", "none", "nlsr", "random_mask")
 """The models of notebook 05 that the evaluation suite measures: before the attack, after it, NLSR and its
 random-mask control."""
@@ -205,6 +213,8 @@ def restoration(params: Params, run: Run) -> dict[str, Any]:
             for p in a.poison_ratios:
                 if seed in seeds_for(params, (task, p) in headline):
                     records += _defend_all(replica, run, "dpo", task, p, seed)
+                if (task, p) in headline:  # the fine-tuning-stage defences: a training each, headline attacks only
+                    records += _training_defences(replica, run, "dpo", task, p, seed)
         if seed in seeds_for(params, headline=False):
             for method in (m for m in params.alignment.methods if m != "dpo"):
                 records += _defend_all(replica, run, method, "sst2", a.methods_ratio, seed)
