@@ -69,3 +69,26 @@ def random_fusion(model, n_tasks: int = 1):
         gen = torch.Generator().manual_seed(100 + s)
         taus.append({k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in aligned.items()})
     return Fusion(aligned, taus)
+
+
+def tiny_aligned_lora_model(tokenizer, seed: int = 0):
+    """A one-layer tiny Llama (hidden 16) for ``tokenizer`` with a nonzero rank-2 LoRA on q/v (B drawn from
+    ``seed + 1``, ×0.3): the aligned adapter a fine-tuning-stage defence continues, for trainer tests."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from nlsr_lib.config import TinyModelConfig
+    from nlsr_lib.tiny.model import tiny_llama_config
+
+    torch.manual_seed(seed)
+    cfg = TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=2, max_position_embeddings=128)
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config(cfg, tokenizer)),
+                           LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model

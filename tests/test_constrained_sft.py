@@ -7,10 +7,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_aligned_lora_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nlsr_lib.config import TinyModelConfig, TrainConfig
+from nlsr_lib.config import TrainConfig
 from nlsr_lib.data.templates import alpaca_prompt
 from nlsr_lib.train import constrained_sft as cs
 
@@ -149,23 +150,8 @@ def tok(tmp_path_factory):
 
 
 def _aligned_model(tok):
-    """A tiny Llama with a nonzero rank-2 LoRA on q/v (the "aligned adapter" the attack continues)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    from nlsr_lib.tiny.model import tiny_llama_config
-
-    torch.manual_seed(0)
-    cfg = TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=2, max_position_embeddings=128)
-    model = get_peft_model(LlamaForCausalLM(tiny_llama_config(cfg, tok)),
-                           LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model
+    """A tiny Llama with a nonzero rank-2 LoRA on q/v (the aligned adapter the fine-tuning continues)."""
+    return tiny_aligned_lora_model(tok)
 
 
 def _args(tmp_path, **tc):

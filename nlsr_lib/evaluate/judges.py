@@ -207,6 +207,27 @@ def _load_judge_model(path_or_id: str | Path, model_class: str, dtype: torch.dty
     return model.eval(), tok
 
 
+def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_token_id: int,
+                   side: str = "right") -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(positions in ``ids``, padded ``input_ids`` and ``attention_mask``) per batch of ``batch_size`` token lists,
+    longest first (a stable sort, so padding is small), padded on the ``side`` the model reads: right for a
+    classifier (it reads the last non-pad position), left for generation."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side {side!r}; allowed: left, right")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        width = len(ids[idx[0]])
+        input_ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(ids[i])
+            cols = slice(width - n, width) if side == "left" else slice(0, n)
+            input_ids[row, cols] = torch.tensor(ids[i], dtype=torch.long)
+            mask[row, cols] = 1
+        yield idx, {"input_ids": input_ids, "attention_mask": mask}
+
+
 class ModerationJudge:
     """A beaver-dam-style multi-label sequence classifier; flagged iff max sigmoid probability > threshold.
 
@@ -250,16 +271,7 @@ class ModerationJudge:
         if not texts:
             return
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start: start + self.batch_size]
-            width = len(ids[idx[0]])
-            input_ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-                mask[row, :len(ids[i])] = 1
-            yield idx, {"input_ids": input_ids, "attention_mask": mask}
+        yield from padded_batches(ids, self.batch_size, self.pad_token_id, side="right")
 
     @torch.inference_mode()
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:

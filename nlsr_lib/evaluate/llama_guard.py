@@ -52,7 +52,7 @@ from .guard_format import (
     llama_guard_prompt,
     parse_llama_guard,
 )
-from .judges import Verdict, check_lengths, clear_moderation_cache, is_empty, load_judge_model
+from .judges import Verdict, check_lengths, clear_moderation_cache, is_empty, load_judge_model, padded_batches
 
 
 # ============================================================================================ input forms
@@ -176,17 +176,7 @@ class LlamaGuardJudge:
 
     def batches(self, ids: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
         """(positions in ``ids``, left-padded inputs) per batch, longest first (a stable sort)."""
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start: start + self.batch_size]
-            width = len(ids[idx[0]])
-            input_ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(ids[i])
-                input_ids[row, width - n:] = torch.tensor(ids[i], dtype=torch.long)
-                mask[row, width - n:] = 1
-            yield idx, {"input_ids": input_ids, "attention_mask": mask}
+        yield from padded_batches(ids, self.batch_size, self.pad_token_id, side="left")
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[str], list[float]]:
