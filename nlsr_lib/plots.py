@@ -460,19 +460,25 @@ def benchmark_heatmap(table: pd.DataFrame, model: str, title: str, order: Sequen
     judges = list(dict.fromkeys(table["judge"]))
     columns = [m for m in (order or []) if m in set(table[model])] or list(dict.fromkeys(table[model]))
     benchmarks = list(dict.fromkeys(table["benchmark"]))
-    width = 1.6 + 0.75 * len(columns)
-    fig, axes = plt.subplots(1, len(judges), figsize=(width * len(judges) + 1.2, 1.4 + 0.38 * len(benchmarks)),
-                             squeeze=False)
-    for i, (ax, judge) in enumerate(zip(axes[0], judges)):
+    width, height = 1.6 + 0.75 * len(columns), 1.4 + 0.38 * len(benchmarks)
+    stacked = len(columns) > 8  # many models: one panel per judge, stacked, so the figure stays readable
+    fig, axes = plt.subplots(len(judges) if stacked else 1, 1 if stacked else len(judges), squeeze=False,
+                             figsize=(width + 1.2, height * len(judges)) if stacked
+                             else (width * len(judges) + 1.2, height))
+    for i, (ax, judge) in enumerate(zip(axes.flat, judges)):
         grid = (table[table["judge"] == judge].pivot_table(index="benchmark", columns=model, values="harmful_score")
                 .reindex(index=benchmarks, columns=columns))
         sns.heatmap(grid, annot=True, fmt=".0f", vmin=0.0, vmax=100.0, cmap="rocket_r", ax=ax,
-                    cbar=i == len(judges) - 1, cbar_kws={"label": "harmful score (%)"}, annot_kws={"fontsize": 7})
+                    cbar=stacked or i == len(judges) - 1, cbar_kws={"label": "harmful score (%)"},
+                    annot_kws={"fontsize": 7})
         ax.set_title(f"judge: {judge}")
         ax.set_xlabel("")
-        ax.set_ylabel("" if i else "benchmark")
-        ax.set_xticks(ax.get_xticks(), ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
-        if i:
+        ax.set_ylabel("benchmark" if stacked or not i else "")
+        if stacked and i < len(judges) - 1:
+            ax.set_xticks([])
+        else:
+            ax.set_xticks(ax.get_xticks(), ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
+        if i and not stacked:
             ax.set_yticks([])
     n = _n_seeds(table) or 0
     fig.suptitle(_with_note(title, f"mean over {n} training seeds (sd in the table)" if n > 1 else None))
