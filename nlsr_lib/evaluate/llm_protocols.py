@@ -9,6 +9,7 @@ aggregates over verdicts (:func:`preference_score`, :func:`pairwise_counts`, :fu
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import math
 import re
@@ -78,7 +79,7 @@ def user(text: str) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------------- protocols
-class JudgeProtocol:
+class JudgeProtocol(ABC):
     """One judge prompt and its parse. ``params`` are the API parameters of each call (temperature 0 is the
     client's default); ``texts`` are fingerprinted into :attr:`id`."""
 
@@ -96,11 +97,13 @@ class JudgeProtocol:
         blob = json.dumps([self.texts, self.params], sort_keys=True, ensure_ascii=False)
         return f"{self.name}:{hashlib.sha256(blob.encode('utf-8')).hexdigest()[:12]}"
 
+    @abstractmethod
     def messages(self, prompt: str, response: str, reference: str | None = None) -> list[dict[str, str]]:
-        raise NotImplementedError
+        """The chat messages that ask the judge about one item."""
 
+    @abstractmethod
     def parse(self, reply: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The :class:`~nlsr_lib.evaluate.judges.Verdict` fields of one reply."""
 
     def notes(self, response: str) -> dict[str, Any]:
         """What the protocol did to this item's input (e.g. clipping), kept with the cached verdict."""

@@ -116,31 +116,37 @@ def generations_stage(params: Params, run: Run, model: ModelRef | str, slice_nam
                    inputs={"model": ref.artifact, **inputs}, counts=counts)
 
 
+def _moderation_setup(params: Params, run: Run) -> tuple[dict, dict, dict]:
+    moderation = moderation_stage(params, run)
+    return {"path": moderation_location(params, moderation), "cfg": params.judges.moderation}, {"judge": moderation}, {}
+
+
+def _llm_setup(params: Params, run: Run) -> tuple[dict, dict, dict]:
+    import os
+
+    cfg = params.judges.llm  # the judge model keys the verdicts; it is named by an environment variable
+    values = {"judge_model": os.environ.get(cfg.model_env, "")}
+    return {"cfg": cfg, "cache_dir": run.root / "llm_judge_cache"}, {}, values
+
+
+JUDGE_SETUP: dict[str, Callable[[Params, Run], tuple[dict, dict, dict]]] = {
+    "moderation": _moderation_setup,
+    "keyword": lambda params, run: ({"cfg": params.judges.keyword}, {}, {}),
+    "llm": _llm_setup,
+    "llama_guard": lambda params, run: ({"cfg": params.judges.llama_guard}, {}, {}),
+}
+"""Judge name -> ``(params, run) -> (build_judge kwargs, input artifacts, values keying the verdicts)``."""
+
+
 def judge_for(params: Params, run: Run, judge_name: str) -> tuple[Callable[[], Any], dict[str, Artifact], tuple, dict]:
     """A getter of the judge ``judge_name`` (built on first call, once per run), the artifacts it depends on (the
-    moderation model), the params it reads and the values that key it beyond params (the LLM judge's model, named
-    by an environment variable), so a cached judge stage never loads the judge."""
+    moderation model), the params it reads (``judges.<name>``) and the values that key it beyond params (the LLM
+    judge's model), so a cached judge stage never loads the judge."""
     from ..evaluate.judges import build_judge
 
-    j = params.judges
-    inputs: dict[str, Artifact] = {}
-    kwargs: dict[str, Any] = {}
-    reads: tuple[str, ...] = (f"judges.{judge_name}",) if judge_name != "moderation" else ("judges.moderation",)
-    values: dict[str, Any] = {}
-    if judge_name == "moderation":
-        moderation = moderation_stage(params, run)
-        inputs["judge"] = moderation
-        kwargs = {"path": moderation_location(params, moderation), "cfg": j.moderation}
-    elif judge_name == "keyword":
-        kwargs = {"cfg": j.keyword}
-    elif judge_name == "llm":
-        import os
-
-        kwargs = {"cfg": j.llm, "cache_dir": run.root / "llm_judge_cache"}
-        values = {"judge_model": os.environ.get(j.llm.model_env, "")}
-    elif judge_name == "llama_guard":
-        kwargs = {"cfg": j.llama_guard}
-    return (lambda: run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))), inputs, reads, values
+    kwargs, inputs, values = JUDGE_SETUP[judge_name](params, run)
+    getter = lambda: run.memo(f"judge/{judge_name}", lambda: build_judge(judge_name, **kwargs))  # noqa: E731
+    return getter, inputs, (f"judges.{judge_name}",), values
 
 
 def verdict_row(row: dict, verdict) -> dict:

@@ -48,10 +48,9 @@ def primary_fields(params: Params) -> dict[str, str]:
     return {"benchmark": PRIMARY_SET, "wrapper": "identity", "judge": params.judges.primary}
 
 
-def _suite(params: Params, run: Run, models: dict[str, Any], **where: Any) -> list[dict]:
+def _suite(params: Params, run: Run, models: dict[str, Any], key: str, **where: Any) -> list[dict]:
     """The evaluation suite's rows (:func:`~nlsr_lib.stages.suite.suite_rows`) of each ``{label: model}``, each row
-    tagged with ``where`` and the label under the key ``label_key`` of ``where`` (popped)."""
-    key = where.pop("label_key")
+    tagged with ``where`` and its label under ``key``."""
     return [{**where, key: label, **row} for label, model in models.items()
             for row in suite_rows(params, run, model) or []]
 
@@ -73,7 +72,7 @@ def alignment(params: Params, run: Run) -> dict[str, Any]:
     first = first_replicate(params)
     generations = {name: generations_stage(first, run, name, "test") for name in names}
     suite = [row for seed, replica in replicates(params)
-             for row in _suite(replica, run, {n: n for n in names}, label_key="method", seed=seed)]
+             for row in _suite(replica, run, {n: n for n in names}, "method", seed=seed)]
     return {"base": _summary(run, base), "moderation": _summary(run, moderation), "aligned": aligned,
             "records": records, "generations": generations, "suite": suite,
             "agreement": judge_agreement(first, run, names)}
@@ -219,7 +218,7 @@ def restoration(params: Params, run: Run) -> dict[str, Any]:
             for method in (m for m in params.alignment.methods if m != "dpo"):
                 records += _defend_all(replica, run, method, "sst2", a.methods_ratio, seed)
         method, task, p = suite_attack(params)
-        records += _suite(replica, run, _suite_models(replica, run), label_key="defense", task=task, method=method,
+        records += _suite(replica, run, _suite_models(replica, run), "defense", task=task, method=method,
                           poison_ratio=p, seed=seed)
     first = first_replicate(params)
     similarity = []
@@ -260,7 +259,7 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
             for name in fusion_names(params):
                 records.append(row(name, fusion_stage(replica, run, tasks, name)))
     suite = [row for seed, replica in replicates(params)
-             for row in _suite(replica, run, _fusion_suite_models(replica, run), label_key="fusion",
+             for row in _suite(replica, run, _fusion_suite_models(replica, run), "fusion",
                                inputs=params.attack.tasks[0], seed=seed)]
     first = first_replicate(params)
     agreement = judge_agreement(first, run, list(_fusion_suite_models(first, run).values()))

@@ -14,6 +14,7 @@ behaviour, the StrongREJECT forbidden prompt), never with its wrapped form (spec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -35,27 +36,35 @@ def benchmark_source(params: Params) -> str:
 
 def benchmark_prompts(params: Params, name: str, wrapper: str = "identity") -> list:
     """The judgeable records of benchmark ``name`` (HarmBench's copyright rows need MinHash files that are not here,
-    spec §1.2 (c)), the first ``evaluation.limit`` of them, each through ``wrapper`` (spec §3)."""
+    spec §1.2 (c)), the first ``evaluation.limit`` of them, each through ``wrapper`` (spec §3). Read once per
+    process for each setting: every model of a table answers the same prompts."""
+    e = params.evaluation
+    return list(_prompts(benchmark_source(params), e.data_dir, params.world.seed, e.tiny_size, e.limit, name,
+                         wrapper)[0])
+
+
+@functools.lru_cache(maxsize=128)
+def _prompts(source: str, data_dir: str, world_seed: int, tiny_size: int, limit: int, name: str,
+             wrapper: str) -> tuple[tuple, str]:
+    """(records, their content hash) of :func:`benchmark_prompts`, keyed by everything they depend on."""
     from ..evaluate.benchmarks import load_benchmark
     from ..evaluate.wrappers import wrap
     from ..tiny.benchmarks import tiny_benchmark
 
-    e = params.evaluation
-    source = benchmark_source(params)
-    if source == "world":
-        records = tiny_benchmark(name, params.world.seed, e.tiny_size)
-    else:
-        records = load_benchmark(name, e.data_dir or "")
+    records = tiny_benchmark(name, world_seed, tiny_size) if source == "world" else load_benchmark(name, data_dir)
     records = [r for r in records if r.meta.get("judgeable", True)]
-    if e.limit:
-        records = records[: e.limit]
+    if limit:
+        records = records[:limit]
     if not records:
         raise ValueError(f"benchmark {name!r} has no judgeable prompt ({source}); check evaluation.data_dir / limit")
-    return [wrap(r, wrapper) for r in records]
+    records = tuple(wrap(r, wrapper) for r in records)
+    key = hashlib.sha256(json.dumps([r.to_dict() for r in records], sort_keys=True).encode()).hexdigest()
+    return records, key
 
 
-def _prompts_key(records: Sequence) -> str:
-    return hashlib.sha256(json.dumps([r.to_dict() for r in records], sort_keys=True).encode()).hexdigest()
+def _prompts_key(params: Params, name: str, wrapper: str) -> str:
+    e = params.evaluation
+    return _prompts(benchmark_source(params), e.data_dir, params.world.seed, e.tiny_size, e.limit, name, wrapper)[1]
 
 
 def _stage_suffix(benchmark: str, wrapper: str) -> str:
@@ -92,7 +101,7 @@ def benchmark_generations_stage(params: Params, run: Run, model: ModelRef | str,
     counts = {"generations": n, "generated_tokens": n * params.generation.max_new_tokens, "model_loads": 1}
     return request(params, run, "benchmark_generations", f"generations/{ref.tag}/{_stage_suffix(benchmark, wrapper)}",
                    build, args={"benchmark": benchmark, "wrapper": wrapper},
-                   values={"source": benchmark_source(params), "prompts": _prompts_key(records)},
+                   values={"source": benchmark_source(params), "prompts": _prompts_key(params, benchmark, wrapper)},
                    inputs=inputs, counts=counts)
 
 
