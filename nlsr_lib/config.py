@@ -39,7 +39,7 @@ from .data.tasks import TASKS
 from .errors import NlsrError
 from .names import (ALIGNMENT_METHODS, BENCHMARKS, CORRECTIONS, DEFENCES, GENERATION_BACKENDS, JUDGES, KEYWORD_LISTS,
                     LLM_PROTOCOLS, MERGE_METHODS, REGION_SCORERS, RESTORE_STRATEGIES, SIMILARITIES,
-                    TRAINING_DEFENCES, WRAPPERS)
+                    FIELD_DEFENCES, WRAPPERS)
 from .registry import Names, Registry, unknown_message
 
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -441,13 +441,90 @@ class SafetyMixingConfig:
 
 
 @dataclass(frozen=True)
-class DefencesConfig:
-    """Defences that act before or during fine-tuning (spec/defences.md), run by notebook 05 on the headline attacks
-    beside the training-free ones of ``restore.defences``."""
+class VaccineConfig:
+    """Vaccine, perturbation-aware alignment (spec/defences.md §1): the alignment stage's trainer with the worst-case
+    perturbation of total size ρ at every decoder layer (in the NLSR harness, inside the DPO stage, D-V4)."""
 
-    training: tuple[str, ...] = _f(("safety_mixing",), choices=TRAINING_DEFENCES,
-                                   doc="fine-tuning-stage defences notebook 05 runs on the headline attacks")
+    rho: float = _f(2.0, range=(0.0, None), doc="ρ: the perturbation's global L2 size (Vaccine README, --rho 2)")
+    site: str = _f("attention", choices=("attention", "block_output"),
+                   doc="D-V1: each decoder layer's self-attention output (code, every reported number) | the whole "
+                       "decoder layer's output (the paper's wording)")
+
+
+@dataclass(frozen=True)
+class BoosterConfig:
+    """Booster, attenuating harmful perturbation (spec/defences.md §2): the alignment stage's adapter trained with
+    f = SFT on the safe (chosen) answers of the preference pairs and h = SFT on the harmful (rejected) answers to the
+    same prompts (the code's pairing, D-B5: disjoint from the attack rows and the evaluation prompts)."""
+
+    lam: float = _f(5.0, range=(0.0, None), doc="λ: the regulariser weight (script/alignment/smooth_align.sh: 5)")
+    alpha: float = _f(0.1, range=(0.0, None), doc="α: the simulated harmful step's length (script and train.py: 0.1)")
+    harmful_batch_size: int = _f(0, range=(0, None), doc="D-B4: harmful rows per step; 0 = the alignment batch size")
+
+
+@dataclass(frozen=True)
+class LisaConfig:
+    """Lisa, bi-state optimisation during the user's fine-tuning (spec/defences.md §3); counts are optimizer steps
+    (D-L1)."""
+
+    k_align: int = _f(100, range=(0, None), doc="K_a: alignment (guide) steps per round (lisa_poison_ratio.sh: 100)")
+    k_user: int = _f(900, range=(0, None), doc="K_f: user steps per round (lisa_poison_ratio.sh: 900)")
+    rho: float = _f(1.0, range=(0.0, None), doc="ρ: the proximal intensity, term (ρ/2)·‖θ − anchor‖² (script: 1)")
+    prox_warmup_frac: float = _f(0.1, range=(0.0, 1.0), doc="D-L3: no proximal term in the first share of steps")
+    user_batches: str = _f("discard", choices=("discard",),
+                           doc="D-L2: the user batch drawn on an alignment step is discarded (code)")
+    guide_size: int = _f(100, range=(1, None),
+                         doc="guide rows: the first safe BeaverTails 30k_train rows, the SFT stage's data (D-L6; "
+                             "the NLSR harness uses 100, Lisa's code 10,000)")
+
+
+@dataclass(frozen=True)
+class ConstrainedSFTConfig:
+    """Token-wise constrained fine-tuning (Qi et al.; spec/defences.md §5) against the aligned adapter."""
+
+    beta: float = _f(0.1, range=(0.0, None), doc="β after the first bias_length response tokens")
+    bias_factor: float = _f(20.0, range=(0.0, None), doc="β_t = β·bias_factor for 1 ≤ t < bias_length")
+    first_token_bias_factor: float = _f(5.0, range=(0.0, None), doc="β_0 = β·first_token_bias_factor")
+    bias_length: int = _f(5, range=(0, None), doc="response tokens with the strengthened constraint")
+    min_weight: float = _f(1e-3, range=(0.0, None), doc="D-C2: floor of the token weight (0: the paper's gradient)")
+    reference: str = _f("precompute", choices=("precompute", "online"),
+                        doc="D-C3: reference log-probs cached before training | recomputed each step")
+    reduction: str = _f("micro_batch", choices=("micro_batch", "accumulated"),
+                        doc="D-C4: token mean per micro-batch (code) | over the accumulated batch")
+
+
+@dataclass(frozen=True)
+class AntidoteConfig:
+    """Antidote, one-shot pruning after fine-tuning (spec/defences.md §4): Wanda scores of the fine-tuned LoRA factors
+    on harmful calibration rows, the top ``dense_ratio`` of each row zeroed."""
+
+    dense_ratio: float = _f(0.1, range=(0.0, 1.0), open_hi=True,
+                            doc="δ: the share of each row marked harmful (train.py and the SST-2 script: 0.1; AG News "
+                                "and GSM8K scripts 0.05)")
+    group: str = _f("row", choices=("row", "matrix"), doc="D-A2: top-k per output row (Wanda, code) | per matrix")
+    calibration_start: int = _f(5000, range=(0, None),
+                                doc="first unsafe BeaverTails 30k_train row of the calibration set (code: 5000; "
+                                    "D-A5: after every attack's harmful rows)")
+    calibration_size: int = _f(2000, range=(1, None), doc="calibration rows, start ≤ i < start + size (D-B6)")
+    batch_size: int = _f(1, range=(1, None), doc="calibration sequences per forward pass (right-padded; code: 1)")
+    max_length: int = _f(2048, range=(8, None), doc="calibration sequences are cut to this many tokens (code: 2048)")
+
+
+@dataclass(frozen=True)
+class DefencesConfig:
+    """The defences of the field beside NLSR (spec/defences.md), by family: alignment stage (``vaccine``,
+    ``booster``), fine-tuning stage (``lisa``, ``safety_mixing``, ``constrained_sft``), post-fine-tuning
+    (``antidote``). Notebook 05 runs ``methods`` on the headline attacks beside the training-free defences of
+    ``restore.defences``."""
+
+    methods: tuple[str, ...] = _f(("vaccine", "booster", "lisa", "safety_mixing", "constrained_sft", "antidote"),
+                                  choices=FIELD_DEFENCES, doc="the field's defences notebook 05 runs (default: all)")
+    vaccine: VaccineConfig = _sub(VaccineConfig)
+    booster: BoosterConfig = _sub(BoosterConfig)
+    lisa: LisaConfig = _sub(LisaConfig)
     safety_mixing: SafetyMixingConfig = _sub(SafetyMixingConfig)
+    constrained_sft: ConstrainedSFTConfig = _sub(ConstrainedSFTConfig)
+    antidote: AntidoteConfig = _sub(AntidoteConfig)
 
 
 @dataclass(frozen=True)
@@ -642,6 +719,26 @@ _CROSS_CHECKS: list[typing.Callable[[Params], None]] = []
 def _cross_check(fn: typing.Callable[[Params], None]) -> typing.Callable[[Params], None]:
     _CROSS_CHECKS.append(fn)
     return fn
+
+
+@_cross_check
+def _check_defences(p: Params) -> None:
+    """What a single field range cannot say about the field's defences (spec/defences.md §1–5)."""
+    d = p.defences
+    for key, value in (("constrained_sft.beta", d.constrained_sft.beta),
+                       ("constrained_sft.bias_factor", d.constrained_sft.bias_factor),
+                       ("constrained_sft.first_token_bias_factor", d.constrained_sft.first_token_bias_factor)):
+        if not value > 0:
+            raise ParamsError(f"defences.{key}: {value!r}; allowed: a number > 0 (spec/defences.md §5)")
+    if d.constrained_sft.bias_length < 1:
+        raise ParamsError(f"defences.constrained_sft.bias_length: {d.constrained_sft.bias_length}; allowed: >= 1")
+    if not d.constrained_sft.min_weight < 2:
+        raise ParamsError(f"defences.constrained_sft.min_weight: {d.constrained_sft.min_weight!r}; allowed: "
+                          "0 <= min_weight < 2 (token weights never exceed 2)")
+    if d.lisa.k_align + d.lisa.k_user == 0:
+        raise ParamsError("defences.lisa: k_align + k_user = 0; allowed: at least one step per round")
+    if d.lisa.prox_warmup_frac >= 1:
+        raise ParamsError(f"defences.lisa.prox_warmup_frac: {d.lisa.prox_warmup_frac!r}; allowed: 0 <= x < 1")
 
 
 @_cross_check

@@ -24,8 +24,8 @@ MERGE_METHODS = Names("merge method", "weight_averaging", "task_arithmetic", "ti
                       "consensus_ties")
 #: nlsr_lib.restore.defences.DEFENCES
 DEFENCES = Names("defence", "none", "nlsr", "random_mask", "safelora", "resta", "aligned_adapter")
-#: nlsr_lib.stages.attack.TRAINING_DEFENCES: defences that change the fine-tuning itself (spec/defences.md)
-TRAINING_DEFENCES = Names("training defence", "safety_mixing")
+#: nlsr_lib.stages.field_defences.FIELD_DEFENCES: the defences of the field beside NLSR (spec/defences.md)
+FIELD_DEFENCES = Names("field defence", "vaccine", "booster", "lisa", "safety_mixing", "constrained_sft", "antidote")
 #: nlsr_lib.restore.selection.STRATEGIES
 RESTORE_STRATEGIES = Names("selection strategy", "adaptive", "threshold", "layers", "all")
 #: nlsr_lib.restore.similarity.SIMILARITIES
@@ -51,4 +51,4 @@ LLM_PROTOCOLS = Names("LLM judge protocol", "strongreject", "harmbench", "jailbr
                       "pairwise")
 
 __all__ = ["ALIGNMENT_METHODS", "BENCHMARKS", "KEYWORD_LISTS", "LLM_PROTOCOLS", "WRAPPERS", "CORRECTIONS", "DEFENCES", "GENERATION_BACKENDS", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
-           "RESTORE_STRATEGIES", "SIMILARITIES", "TRAINING_DEFENCES"]
+           "RESTORE_STRATEGIES", "SIMILARITIES", "FIELD_DEFENCES"]

@@ -107,6 +107,16 @@ def calibration_batches(tokenizer, rows: Sequence[Mapping[str, Any]], *, n: int,
     return [pad_right(chunk, _pad_id(tokenizer)) for chunk in _chunks(encoded, batch_size)]
 
 
+def ordered_batches(tokenizer, rows: Sequence[Mapping[str, Any]], *, max_length: int = 1024,
+                    batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of every (instruction, output) row in the given order (no sampling): the fixed
+    calibration sets of the field's defences (Antidote, spec/defences.md §4)."""
+    encoded = [encode_pair(tokenizer, _prompt(r), r["output"], max_length) for r in rows]
+    if not encoded:
+        raise ValueError("no calibration rows were given")
+    return [pad_right(chunk, _pad_id(tokenizer)) for chunk in _chunks(encoded, batch_size)]
+
+
 def preference_batches(tokenizer, rows: Sequence[Mapping[str, Any]], *, n: int, seed: int = 42,
                        max_length: int = 1024, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
     """Batches ``{chosen_,rejected_}{input_ids, attention_mask, labels}`` of ``n`` sampled preference rows

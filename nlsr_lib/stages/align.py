@@ -63,6 +63,77 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
                    values=values, inputs={"start": start, **inputs}, counts=counts, distributed_build=True)
 
 
+def _vaccine(params: Params, method: str, rows: list[dict], tokenizer, tc) -> tuple:
+    from ..train.defended import vaccine_method
+
+    v = params.defences.vaccine
+    return vaccine_method(method, v.rho, v.site), rows
+
+
+def _booster(params: Params, method: str, rows: list[dict], tokenizer, tc) -> tuple:
+    from ..train.alignment import fit_prompts
+    from ..train.defended import booster_method, booster_rows
+
+    b = params.defences.booster
+    align, harmful = booster_rows(rows)
+    harmful, _ = fit_prompts(harmful, tokenizer, tc.max_length)
+    return booster_method(method, harmful, b.lam, b.alpha, b.harmful_batch_size), align
+
+
+ALIGNMENT_DEFENCES = {"vaccine": _vaccine, "booster": _booster}
+"""Alignment-stage defences (spec/defences.md §1–2): name -> ``fn(params, method, rows, tokenizer, train_config)``
+returning the defended :class:`~nlsr_lib.train.alignment.AlignmentMethod` and the rows it trains on."""
+
+
+@stage_kind("defended_align", reads=("alignment.{method}", "lora", "model", "defences.{defence}"),
+            consumes=("base_model", "align", "world"), device="gpu", args=("method", "defence"))
+def defended_align_stage(params: Params, run: Run, method: str, defence: str) -> Artifact:
+    """``method``'s aligned LoRA trained with an alignment-stage defence of :data:`ALIGNMENT_DEFENCES` from the same
+    start, data and training settings as :func:`align_stage` (the defence replaces the stage's trainer: Vaccine
+    inside the DPO stage as in the NLSR harness, Booster as SFT on the pairs' safe answers with h on their harmful
+    ones)."""
+    from ..errors import UsageError
+    from ..models import load_causal_lm, load_tokenizer, peft_lora_config
+    from ..train.alignment import get_method, train_adapter
+
+    if defence not in ALIGNMENT_DEFENCES:
+        raise UsageError(f"defended alignment: {defence!r} is not an alignment-stage defence; allowed: "
+                         f"{', '.join(ALIGNMENT_DEFENCES)}")
+    spec = get_method(method)
+    base = base_model_stage(params, run)
+    start = align_stage(params, run, "sft") if spec.on_sft_base else base
+    start_dir = sft_location(params, run) if spec.on_sft_base else base_location(params, base)
+    tc = spec.train_config(params)
+    inputs, values = source_inputs(params, run, "beavertails", "pku_saferlhf")
+
+    def build(out: Path) -> dict:
+        tokenizer = load_tokenizer(start_dir, params.model)
+        model = load_causal_lm(start_dir, params.model)
+        defended, rows = ALIGNMENT_DEFENCES[defence](params, method, spec.rows(params, load_sources(params, run)),
+                                                     tokenizer, tc)
+        summary = train_adapter(defended, model, tokenizer, rows, tc, peft_lora_config(params.lora), out / "adapter",
+                                params.model.dtype, quiet=not bars_enabled(), key=f"alignment.{method}")
+        if distributed.is_main():
+            tokenizer.save_pretrained(str(out / "adapter"))
+        return {**summary, "defence": defence}
+
+    rows = sum(getattr(params.data, field) for field in ROW_SIZES[method])
+    counts = {"trainings": 1, "training_tokens": training_tokens(rows, tc), "model_loads": 1}
+    return request(params, run, "defended_align", f"align/{method}+{defence}", build,
+                   args={"method": method, "defence": defence}, reads=[f"data.{f}" for f in ROW_SIZES[method]],
+                   values=values, inputs={"start": start, **inputs}, counts=counts, distributed_build=True)
+
+
+def defended_aligned_ref(params: Params, run: Run, method: str, defence: str) -> ModelRef:
+    """The aligned model of :func:`defended_align_stage` in adapter form, over the base its method trains on."""
+    from ..train.alignment import get_method
+
+    aligned = defended_align_stage(params, run, method, defence)
+    base_dir = sft_location(params, run) if get_method(method).on_sft_base else \
+        base_location(params, base_model_stage(params, run))
+    return ModelRef(f"{method}+{defence}", base_dir, str(aligned.path / "adapter"), aligned)
+
+
 def model_ref(params: Params, run: Run, name: str) -> ModelRef:
     """``base`` (the unaligned base), ``sft`` (W_sft) or an alignment method's adapter on W_sft."""
     if name == "base":
@@ -86,4 +157,5 @@ def aligned_adapter_ref(params: Params, run: Run, method: str) -> ModelRef:
     return ModelRef(method, base_dir, str(aligned.path / "adapter"), aligned)
 
 
-__all__ = ["UNALIGNED", "aligned_adapter_ref", "align_stage", "is_tiny", "model_ref", "sft_location"]
+__all__ = ["ALIGNMENT_DEFENCES", "UNALIGNED", "aligned_adapter_ref", "align_stage", "defended_align_stage",
+           "defended_aligned_ref", "is_tiny", "model_ref", "sft_location"]

@@ -2,25 +2,23 @@
 
 * :func:`mixture_stage`: the ``n``-example mixture of a task with ``⌊n·p⌋`` harmful rows (spec/nlsr.md §2.4),
   or its clean variant, or with safe rows mixed in (the ``safety_mixing`` defence), saved as JSON records.
-* :data:`TRAINING_DEFENCES`: defences that change the fine-tuning itself; :func:`defended_attack` serves one.
 * :func:`attack_stage`: the aligned adapter of a method trained further on a mixture (``unaligned`` = a fresh
-  LoRA on the raw base; ``sft`` = the SFT LoRA on the raw base, trained further).
+  LoRA on the raw base; ``sft`` = the SFT LoRA on the raw base, trained further); with ``defence``, the adapter of
+  an alignment-stage defence trained further, or the attack trained by a fine-tuning-stage defence's trainer.
 * :func:`attack_points`: every attacked model notebook 02 measures, in its order.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import distributed, names
+from .. import distributed
 from ..config import Params
 from ..progress import bars_enabled
-from ..registry import Registry
 from ..runs import Artifact, Run, atomic_write_json
-from .align import UNALIGNED, aligned_adapter_ref, training_tokens
+from .align import ALIGNMENT_DEFENCES, UNALIGNED, aligned_adapter_ref, defended_aligned_ref, training_tokens
 from .graph import ModelRef, request, stage_kind
 from .world import load_source, source_inputs
 
@@ -65,50 +63,79 @@ def mixture_stage(params: Params, run: Run, task: str, p: float, n: int | None =
     # built under before safety mixing became a defence of its own (defences.safety_mixing); kept so they stay cached
 
 
-@stage_kind("attack", reads=("attack.train", "lora", "model"), consumes=("align", "mixture"), device="gpu",
-            args=("method", "task", "p", "n", "variant"))
+def _lisa(params: Params, run: Run):
+    from ..data.builders import build_safe_sft
+    from ..data.templates import alpaca_prompt
+    from ..train.defended import lisa_method
+
+    cfg = params.defences.lisa
+    guide = build_safe_sft(load_source(params, run, "beavertails")["30k_train"], n=cfg.guide_size)
+    rows = [{"prompt": alpaca_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in guide]
+    return lisa_method(rows, k_align=cfg.k_align, k_user=cfg.k_user, rho=cfg.rho,
+                       prox_warmup_frac=cfg.prox_warmup_frac, user_batches=cfg.user_batches)
+
+
+def _constrained_sft(params: Params, run: Run):
+    from ..train.defended import constrained_sft_method
+
+    c = params.defences.constrained_sft
+    return constrained_sft_method(beta=c.beta, bias_factor=c.bias_factor,
+                                  first_token_bias_factor=c.first_token_bias_factor, bias_length=c.bias_length,
+                                  min_weight=c.min_weight, reference=c.reference, reduction=c.reduction)
+
+
+FINETUNING_TRAINERS = {"lisa": _lisa, "constrained_sft": _constrained_sft}
+"""Fine-tuning-stage defences that replace the attack's trainer (spec/defences.md §3, §5): name ->
+``fn(params, run)`` returning the :class:`~nlsr_lib.train.alignment.AlignmentMethod` the attack trains with."""
+
+ATTACK_DEFENCES = (*ALIGNMENT_DEFENCES, *FINETUNING_TRAINERS)
+"""The ``defence`` values :func:`attack_stage` takes: an alignment-stage defence (the attack continues its adapter)
+or a trainer of :data:`FINETUNING_TRAINERS`."""
+
+
+@stage_kind("attack", reads=("attack.train", "lora", "model"), consumes=("align", "defended_align", "mixture"),
+            device="gpu", args=("method", "task", "p", "n", "variant", "defence"))
 def attack_stage(params: Params, run: Run, method: str, task: str, p: float, n: int | None = None,
-                 variant: str = "poisoned") -> ModelRef:
-    """The attacked (fine-tuned) adapter; returns it as a model under test over its base."""
+                 variant: str = "poisoned", defence: str | None = None) -> ModelRef:
+    """The attacked (fine-tuned) adapter; returns it as a model under test over its base. ``defence``: the attack
+    continues the adapter of an alignment-stage defence (``vaccine``, ``booster``), or trains with a fine-tuning-stage
+    defence's trainer (``lisa``, ``constrained_sft``); see :data:`ATTACK_DEFENCES`."""
+    from ..errors import UsageError
     from ..models import load_causal_lm, load_tokenizer, peft_lora_config
     from ..train.finetune import finetune
 
-    start = aligned_adapter_ref(params, run, method)
+    if defence is not None and defence not in ATTACK_DEFENCES:
+        raise UsageError(f"attack: defence {defence!r} is not allowed; allowed: {', '.join(ATTACK_DEFENCES)}")
+    if defence in ALIGNMENT_DEFENCES:
+        start = defended_aligned_ref(params, run, method, defence)
+    else:
+        start = aligned_adapter_ref(params, run, method)
     mixture = mixture_stage(params, run, task, p, n, variant)
+    trainer = FINETUNING_TRAINERS.get(defence)
 
     def build(out: Path) -> dict:
         records = json.loads((mixture.path / "mixture.json").read_text())
         tokenizer = load_tokenizer(start.base, params.model)
         model = load_causal_lm(start.base, params.model)
         summary = finetune(model, tokenizer, start.adapter, records, params.attack.train, peft_lora_config(params.lora),
-                           out / "adapter", params.model.dtype, quiet=not bars_enabled())
+                           out / "adapter", params.model.dtype, quiet=not bars_enabled(),
+                           method=trainer(params, run) if trainer else None)
         if distributed.is_main():  # under a launcher every rank trained; rank 0 alone writes
             tokenizer.save_pretrained(str(out / "adapter"))
-        return summary
+        return {**summary, "defence": defence} if defence else summary
 
-    tag = f"{method}/{mixture.stage.removeprefix('mixtures/')}"
+    tag = f"{method}+{defence}" if defence else method
+    tag = f"{tag}/{mixture.stage.removeprefix('mixtures/')}"
     n_rows = params.attack.n if n is None else n
     counts = {"trainings": 1, "training_tokens": training_tokens(n_rows, params.attack.train), "model_loads": 1}
-    artifact = request(params, run, "attack", f"attack/{tag}", build, args={"method": method},
-                       inputs={"start": start.artifact, "mixture": mixture}, counts=counts, distributed_build=True)
+    args, reads, inputs, values = {"method": method}, (), {}, {}
+    if trainer:  # only a defended attack carries these, so every undefended attack keeps its fingerprint
+        args, reads = {"method": method, "defence": defence}, (f"defences.{defence}",)
+        inputs, values = source_inputs(params, run, "beavertails")
+    artifact = request(params, run, "attack", f"attack/{tag}", build, args=args, reads=reads, values=values,
+                       inputs={"start": start.artifact, "mixture": mixture, **inputs}, counts=counts,
+                       distributed_build=True)
     return ModelRef(f"attack/{tag}", start.base, str(artifact.path / "adapter"), artifact)
-
-
-TRAINING_DEFENCES: Registry[Callable[..., ModelRef]] = Registry(names.TRAINING_DEFENCES)
-"""Defences that change the fine-tuning itself (spec/defences.md): name -> ``fn(params, run, method, task, p, n)``
-returning the fine-tuned model it serves."""
-
-
-@TRAINING_DEFENCES.register("safety_mixing")
-def _safety_mixing(params: Params, run: Run, method: str, task: str, p: float, n: int | None = None) -> ModelRef:
-    """The attack trained on the mixture with safe rows mixed in (spec/defences.md §6, ``defences.safety_mixing``)."""
-    return attack_stage(params, run, method, task, p, n, variant="safety_mixing")
-
-
-def defended_attack(params: Params, run: Run, defence: str, method: str, task: str, p: float,
-                    n: int | None = None) -> ModelRef:
-    """The model a fine-tuning-stage ``defence`` serves for the attack (method, task, p, n)."""
-    return TRAINING_DEFENCES[defence](params, run, method, task, p, n)
 
 
 def harmful_count(n: int, p: float, variant: str = "poisoned") -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..names import TRAINING_DEFENCES
+from ..names import FIELD_DEFENCES
 from ..runs import Node
 from .plan import Plan
 
@@ -67,9 +67,8 @@ THROUGHPUT: dict[str, Throughput] = {
 
 SUITE_KINDS = frozenset({"benchmark_generations", "over_refusal", "capability"})
 """The evaluation suite's stage kinds (:mod:`nlsr_lib.stages.suite`); with the judges of their responses they are
-the estimate's ``suite_hours``; the stages of the fine-tuning-stage defences (their stage names carry the defence's
-name: ``attack/dpo/sst2/n1000_p0.1_safety_mixing`` and its evaluations) its ``defences_hours``; the rest its
-``grid_hours`` (the NLSR study itself)."""
+the estimate's ``suite_hours``; the stages of the field's defences (:func:`is_field_defence_stage`) and their
+evaluations its ``defences_hours``; the rest its ``grid_hours`` (the NLSR study itself)."""
 
 
 def stage_seconds(node: Node, t: Throughput) -> float:
@@ -109,7 +108,7 @@ def gpu_hours(plan: Plan, backend: str = "hf", gpus: int = 1) -> dict[str, Any]:
             by_kind[node.kind] = by_kind.get(node.kind, 0.0) + seconds
             if node.kind in SUITE_KINDS or benchmark_generations & set(node.upstream):
                 suite += seconds
-            elif any(f"_{name}" in node.stage for name in TRAINING_DEFENCES.names()):
+            elif is_field_defence_stage(node.stage):
                 defences += seconds
     loads = gpus * t.bases_per_worker * t.load_s
     total = sum(by_kind.values()) + loads
@@ -123,12 +122,19 @@ def gpu_hours(plan: Plan, backend: str = "hf", gpus: int = 1) -> dict[str, Any]:
             "wall_hours": round(max(total / gpus, critical) / 3600, 1), "constants": asdict(t)}
 
 
+def is_field_defence_stage(stage: str) -> bool:
+    """Whether a stage serves one of the field's defences (spec/defences.md): its name carries the defence as a
+    ``+name`` tag (``align/dpo+vaccine``, ``attack/dpo+lisa/…``), a ``_name`` mixture suffix (``…_safety_mixing``)
+    or a ``/name/`` folder (``restore/antidote/…``), and so do the evaluations of the model it serves."""
+    return any(mark in stage for name in FIELD_DEFENCES.names() for mark in (f"+{name}", f"_{name}", f"/{name}/"))
+
+
 def report(estimate: dict[str, Any]) -> str:
     """A few lines for ``nlsr plan --gpu-hours``."""
     kinds = ", ".join(f"{k} {v:g} h" for k, v in estimate["by_kind_hours"].items())
     return (f"{estimate['profile']} on {estimate['gpus']} GPU(s), backend {estimate['backend']}: "
             f"{estimate['gpu_hours']:g} GPU-hours ({kinds}; model loads {estimate['model_loads_hours']:g} h; "
             f"the study {estimate['grid_hours']:g} h, the evaluation suite {estimate['suite_hours']:g} h, "
-            f"the training defences {estimate['defences_hours']:g} h); "
+            f"the field's defences {estimate['defences_hours']:g} h); "
             f"critical path {estimate['critical_path_hours']:g} h; wall {estimate['wall_hours']:g} h\n"
             f"constants: {estimate['constants']['source']}")

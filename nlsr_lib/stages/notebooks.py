@@ -17,7 +17,7 @@ from ..runs import Run
 from ..seeds import replicates, seeds_for, with_training_seed
 from . import ablation as ablations
 from .align import align_stage, aligned_adapter_ref
-from .attack import attack_points, attack_stage, defended_attack, harmful_count, headline_points
+from .attack import attack_points, attack_stage, harmful_count, headline_points
 from .evaluate import (generations_stage, harmful_scores, measure, primary_harmful_score, primary_safety,
                        task_accuracy_stage)
 from .expo import expo_alphas, expo_stage, identity_alpha, reference_stage
@@ -158,24 +158,43 @@ def safety_regions(params: Params, run: Run) -> dict[str, Any]:
     return {**replicas[params.seeds[0]], "replicates": replicas}
 
 
+def _seconds(run: Run, artifact) -> float | None:
+    """The seconds an artifact's build took (its manifest), or None under a planning run."""
+    return None if run.planning else float(artifact.manifest()["seconds"])
+
+
 def _defend_all(params: Params, run: Run, method: str, task: str, p: float, seed: int) -> list[dict]:
-    """The aligned row and one row per defence of the ``method`` adapter attacked on ``task`` at ratio ``p``."""
+    """The aligned row and one row per defence of the ``method`` adapter attacked on ``task`` at ratio ``p``; each
+    with its ``family`` and ``cost_s``, the seconds of the stage that made it (the alignment, the attack's
+    fine-tuning, the defence's transform)."""
     where = {"task": task, "method": method, "poison_ratio": p, "seed": seed}
     aligned = aligned_adapter_ref(params, run, method)
-    rows = [{**where, "defense": "aligned", **measure(params, run, aligned, (task,))}]
+    rows = [{**where, "defense": "aligned", "family": "reference", "cost_s": _seconds(run, aligned.artifact),
+             **measure(params, run, aligned, (task,))}]
     attacked = attack_stage(params, run, method, task, p)
     for defence in defence_names(params):
         ref = defence_stage(params, run, attacked, method, defence)
-        rows.append({**where, "defense": defence, **measure(params, run, ref, (task,))})
+        family = "reference" if defence == "none" else "post-fine-tuning"
+        rows.append({**where, "defense": defence, "family": family, "cost_s": _seconds(run, ref.artifact),
+                     **measure(params, run, ref, (task,))})
     return [{**row, **primary_fields(params)} for row in rows]
 
 
-def _training_defences(params: Params, run: Run, method: str, task: str, p: float, seed: int) -> list[dict]:
-    """One row per fine-tuning-stage defence of ``defences.training`` (spec/defences.md) on the attack (method,
-    task, p): the model it serves, measured like the others."""
+def _field_defences(params: Params, run: Run, method: str, task: str, p: float, seed: int) -> list[dict]:
+    """One row per defence of the field in ``defences.methods`` (spec/defences.md) on the attack (method, task, p):
+    the model it serves, measured like the others, with its ``family`` and ``cost_s`` (the seconds of its own stage:
+    the defended alignment, the defended fine-tuning or the transform)."""
+    from .field_defences import field_defence
+
     where = {"task": task, "method": method, "poison_ratio": p, "seed": seed, **primary_fields(params)}
-    return [{**where, "defense": d, **measure(params, run, defended_attack(params, run, d, method, task, p), (task,))}
-            for d in params.defences.training]
+    rows = []
+    for name in params.defences.methods:
+        defence = field_defence(name)
+        served = defence.serve(params, run, method, task, p)
+        cost = None if run.planning else defence.cost_seconds(params, run, method, served)
+        rows.append({**where, "defense": name, "family": defence.family, "cost_s": cost,
+                     **measure(params, run, served, (task,))})
+    return rows
 
 
 SUITE_DEFENCES = ("aligned", "none", "nlsr", "random_mask")
@@ -212,8 +231,8 @@ def restoration(params: Params, run: Run) -> dict[str, Any]:
             for p in a.poison_ratios:
                 if seed in seeds_for(params, (task, p) in headline):
                     records += _defend_all(replica, run, "dpo", task, p, seed)
-                if (task, p) in headline:  # the fine-tuning-stage defences: a training each, headline attacks only
-                    records += _training_defences(replica, run, "dpo", task, p, seed)
+                if (task, p) in headline:  # the field's defences: a training each, headline attacks only
+                    records += _field_defences(replica, run, "dpo", task, p, seed)
         if seed in seeds_for(params, headline=False):
             for method in (m for m in params.alignment.methods if m != "dpo"):
                 records += _defend_all(replica, run, method, "sst2", a.methods_ratio, seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..config import TrainConfig
-from .alignment import get_method, train_adapter
+from .alignment import AlignmentMethod, get_method, train_adapter
 
 
 def mixture_rows(records: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
@@ -30,11 +30,12 @@ def continue_adapter(base_model, adapter_dir: str | Path):
 
 def finetune(base_model, tokenizer, adapter_dir: str | Path | None, records: Sequence[Mapping[str, str]],
              tc: TrainConfig, lora_config, out_dir: Path, dtype: str = "float32", quiet: bool = False,
-             key: str = "attack.train") -> dict:
+             key: str = "attack.train", method: AlignmentMethod | None = None) -> dict:
     """Train ``adapter_dir`` further (or a fresh LoRA when None) on ``records``; save the adapter to ``out_dir``.
     The continued adapter's weights are upcast to fp32 for training (PEFT's ``autocast_adapter_dtype``) and saved
-    back in :func:`~.alignment.adapter_dtype`; ``key`` names ``tc`` in errors."""
-    sft = get_method("sft")
+    back in :func:`~.alignment.adapter_dtype`; ``key`` names ``tc`` in errors. ``method``: the SFT method to train
+    with (default plain SFT; a fine-tuning-stage defence's, :mod:`nlsr_lib.train.defended`)."""
+    sft = method or get_method("sft")
     if adapter_dir is None:
         return train_adapter(sft, base_model, tokenizer, mixture_rows(records), tc, lora_config, out_dir, dtype, quiet,
                              key)
