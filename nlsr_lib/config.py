@@ -106,6 +106,8 @@ class SourcesConfig:
     ag_news: SourceValue = _f("synthetic")
     gsm8k: SourceValue = _f("synthetic")
     alpaca: SourceValue = _f("synthetic")
+    alpaca_eval: SourceValue = _f("synthetic", doc="the Alpaca task's evaluation set (AlpacaEval's 805 prompts with "
+                                               "reference answers; synthetic: the world's counterpart)")
 
 
 @dataclass(frozen=True)
@@ -356,6 +358,8 @@ class FusionConfig:
     papers leave a choice open."""
 
     operators: tuple[str, ...] = _f(MERGE_METHODS.names(), choices=MERGE_METHODS)
+    tasks: tuple[str, ...] = _f(("sst2", "ag_news", "gsm8k"), choices=TASKS,
+                                doc="the attacked task adapters fused (SOMF's three tasks): each alone, then all")
     lam: float = _f(0.3, range=(0.0, None), doc="λ of task arithmetic, DARE and Consensus TA (SOMF multi-task 0.3)")
     ties_lambda: float = _f(1.0, range=(0.0, None), doc="λ of TIES / Consensus TIES (paper 1.0; SOMF 0.4 with sum)")
     ties_density: float = _f(0.2, range=(0.0, 1.0), doc="TIES keeps the top ⌊density·D⌋ magnitudes")
@@ -829,6 +833,16 @@ def _check_devices(p: Params) -> None:
                           "...), mps, or a transformers strategy: balanced, balanced_low_0, sequential")
     if not _DEVICE.fullmatch(p.fusion.device):
         raise ParamsError(f"fusion.device: {p.fusion.device!r} is not allowed; choose one of cpu, cuda, cuda:N, mps")
+
+
+@_cross_check
+def _check_fused_tasks_are_attacked(p: Params) -> None:
+    missing = [t for t in p.fusion.tasks if t not in p.attack.tasks]
+    if missing:
+        raise ParamsError(f"fusion.tasks {missing} are not attacked: every fused task adapter comes from notebook 02's "
+                          f"attacks; allowed: tasks of attack.tasks {list(p.attack.tasks)}")
+    if not p.fusion.tasks:
+        raise ParamsError("fusion.tasks is empty; name at least one task of attack.tasks")
 
 
 @_cross_check

@@ -48,7 +48,7 @@ WRAPPERS = Names("prompt wrapper", "identity", "cot", "cou", "suffix", "prefix_i
 KEYWORD_LISTS = Names("keyword list", "nlsr", "gcg29", "jbb13", "rd12", "mi29", "gcg_demo10")
 #: nlsr_lib.evaluate.llm_judges.PROTOCOLS (spec/evaluation.md §2.2-2.5, spec/somf.md §4.3)
 LLM_PROTOCOLS = Names("LLM judge protocol", "strongreject", "harmbench", "jailbreakbench", "llama_guard", "xstest",
-                      "pairwise")
+                      "pairwise", "helpfulness")
 
 __all__ = ["ALIGNMENT_METHODS", "BENCHMARKS", "KEYWORD_LISTS", "LLM_PROTOCOLS", "WRAPPERS", "CORRECTIONS", "DEFENCES", "GENERATION_BACKENDS", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
            "RESTORE_STRATEGIES", "SIMILARITIES", "FIELD_DEFENCES"]

@@ -9,7 +9,7 @@ backend in a kernel, Agg in a headless process.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -238,7 +238,7 @@ def density_heatmap(records: pd.DataFrame, title: str):
 
 
 DEFENCE_ORDER = ("aligned", "none", "nlsr", "random_mask", "safelora", "safelora_delta", "resta", "aligned_adapter",
-                 "safety_mixing")
+                 "vaccine", "booster", "lisa", "safety_mixing", "constrained_sft", "antidote")
 
 
 def defences_by_ratio(table: pd.DataFrame, title: str):
@@ -391,50 +391,95 @@ def fusion_family(name: str) -> str:
 FAMILY_MARKERS = {"reference": "s", "operator": "o", "safety region": "^", "learned mask": "D", "other": "P"}
 
 
-def fusion_scatter(table: pd.DataFrame, title: str):
-    """Safety vs accuracy of every fusion, one panel per set of fused task adapters: x = harmful score (↓ safer),
-    y = mean task accuracy (↑, at most 100 %). The marker's shape is the family (reference, operator, safety
-    region, learned mask), its colour the fusion (one distinct colour each). Markers are drawn largest first, so
-    fusions at the same point nest as rings instead of hiding each other. The best corner is the top left."""
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point dominates when a lower x (harmful score) and a higher y (accuracy) are better,
+    sorted by x: each has the highest y among the points with x at most its own, strictly higher than every
+    point before it.
+
+    >>> pareto_front([(10, 90), (20, 95), (15, 80), (30, 94), (5, 70)])
+    [(5, 70), (10, 90), (20, 95)]
+    """
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def family_scatter(table: pd.DataFrame, title: str, *, name: str, group: str, family: Callable[[str], str],
+                   markers: Mapping[str, str], legend: str, group_title: str = "inputs: {}",
+                   references: Sequence[str] = ("aligned", "none"), pareto: bool = False,
+                   ylabel: str = "task accuracy (%)  ↑"):
+    """Safety vs accuracy of every model in ``table``, one panel per value of ``group``: x = harmful score (↓ safer),
+    y = task accuracy (↑, at most 100 %). The marker's shape is the model's ``family``, its colour the model (the
+    ``name`` column; one distinct colour each; the ``references`` in black and grey). Markers are drawn largest first,
+    so models at the same point nest as rings instead of hiding each other; error bars are the seed spread. With
+    ``pareto``, a dashed line joins each panel's Pareto front (no other model is both safer and more accurate). The
+    best corner is the top left."""
     style()
-    groups = list(dict.fromkeys(table["inputs"]))
+    groups = list(dict.fromkeys(table[group]))
     ncols = min(2, len(groups))
     nrows = -(-len(groups) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 3.2, 4.2 * nrows), squeeze=False)
-    names = list(dict.fromkeys(table["fusion"]))
+    names = list(dict.fromkeys(table[name]))
     colors = dict(zip(names, sns.color_palette("tab20", 20) if len(names) > 10 else sns.color_palette("tab10")))
-    for name in ("aligned", "none"):
-        if name in colors:
-            colors[name] = "black" if name == "aligned" else "0.55"
+    for ref, color in zip(references, ("black", "0.55")):
+        if ref in colors:
+            colors[ref] = color
     sizes = dict(zip(names, [170 - 110 * i / max(1, len(names) - 1) for i in range(len(names))]))
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     xerr, yerr = _spread(table, "harmful_score"), _spread(table, "accuracy")
     errors = table.assign(_dx=0.0 if xerr is None else xerr.to_numpy(),
                           _dy=0.0 if yerr is None else yerr.to_numpy())
-    for ax, group in zip(axes.flat, groups):
-        sub = errors[errors.inputs == group]
+    for ax, value in zip(axes.flat, groups):
+        sub = errors[errors[group] == value]
         for z, (_, row) in enumerate(sub.iterrows()):
-            name = row["fusion"]
+            label = row[name]
             dx, dy = float(row["_dx"]), float(row["_dy"])
             if dx > 0 or dy > 0:
                 ax.errorbar(row["harmful_score"], row["accuracy"], xerr=dx or None, yerr=dy or None, fmt="none",
-                            ecolor=colors[name], elinewidth=1, capsize=2, zorder=2)
-            ax.scatter(row["harmful_score"], row["accuracy"], color=colors[name], s=sizes[name], zorder=3 + z,
-                       marker=FAMILY_MARKERS[fusion_family(name)], edgecolors="white", linewidths=0.6)
+                            ecolor=colors[label], elinewidth=1, capsize=2, zorder=2)
+            ax.scatter(row["harmful_score"], row["accuracy"], color=colors[label], s=sizes[label], zorder=3 + z,
+                       marker=markers[family(label)], edgecolors="white", linewidths=0.6)
+        if pareto:
+            front = pareto_front(list(zip(sub["harmful_score"], sub["accuracy"])))
+            ax.plot(*zip(*front), linestyle="--", color="0.6", linewidth=1, zorder=1, drawstyle="steps-post")
         low, high = ax.get_ylim()
         ax.set_ylim(low, min(high, 100.5))
-        ax.set_title(f"inputs: {group}")
+        ax.set_title(group_title.format(value))
         ax.set_xlabel("harmful score (%)  ↓ safer")
-        ax.set_ylabel("mean task accuracy (%)  ↑")
-    handles = [plt.Line2D([], [], marker=FAMILY_MARKERS[fusion_family(n)], color=colors[n], linestyle="",
-                          markersize=8, label=f"{n}  ({fusion_family(n)})") for n in names]
-    axes[0][-1].legend(handles=handles, title="fusion (shape = family)", bbox_to_anchor=(1.02, 1), loc="upper left",
-                       fontsize=8)
+        ax.set_ylabel(ylabel)
+    handles = [plt.Line2D([], [], marker=markers[family(n)], color=colors[n], linestyle="", markersize=8,
+                          label=f"{n}  ({family(n)})") for n in names]
+    if pareto:
+        handles.append(plt.Line2D([], [], linestyle="--", color="0.6", label="Pareto front"))
+    axes[0][-1].legend(handles=handles, title=legend, bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
     spread = xerr is not None or yerr is not None
     fig.suptitle(_with_note(title, f"error bars: {_seed_note(table)}" if spread else None))
     fig.tight_layout()
     return fig
+
+
+def fusion_scatter(table: pd.DataFrame, title: str):
+    """Safety vs mean task accuracy of every fusion (:func:`family_scatter`), one panel per set of fused task
+    adapters; shape = family (reference, operator, safety region, learned mask)."""
+    return family_scatter(table, title, name="fusion", group="inputs", family=fusion_family,
+                          markers=FAMILY_MARKERS, legend="fusion (shape = family)",
+                          ylabel="mean task accuracy (%)  ↑")
+
+
+DEFENCE_FAMILY_MARKERS = {"reference": "s", "alignment": "v", "fine-tuning": "o", "post-fine-tuning": "^"}
+
+
+def defences_pareto(table: pd.DataFrame, title: str):
+    """Harm vs accuracy of every defence of notebook 05 (:func:`family_scatter`), one panel per attacked task, the
+    aligned and attacked models as references; shape = the defence's family (``family`` column: alignment stage,
+    fine-tuning stage, post-fine-tuning), dashed: the Pareto front."""
+    families = dict(zip(table["defense"], table["family"]))
+    return family_scatter(table, title, name="defense", group="task", family=families.__getitem__,
+                          markers=DEFENCE_FAMILY_MARKERS, legend="defence (shape = family)", group_title="task: {}",
+                          pareto=True)
 
 
 def mask_training(histories: pd.DataFrame, title: str):

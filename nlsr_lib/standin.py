@@ -418,7 +418,7 @@ def profile_texts(world: dict, data_dir: str | Path | None, rows: int = TOKENIZE
     from .data.loaders import HUB_IDS, load_dataset_source
     from .stages.world import world_text
 
-    sources = {name: world[hub_id] for name, hub_id in HUB_IDS.items()}
+    sources = {name: world[hub_id] for name, hub_id in HUB_IDS.items() if hub_id in world}
     if data_dir is not None:
         for name, splits in real_sources(data_dir).items():
             if name == "pku_saferlhf":  # one file serves both splits: read it once

@@ -23,6 +23,12 @@
 # * every alignment method (and the unaligned base) at one ratio;
 # * DPO on SST-2 across mixture sizes n at a fixed ratio.
 #
+# Alpaca (the instruction-following task of the Vaccine/Lisa/Booster/Antidote harness) is scored on AlpacaEval's
+# items 701–804 (on the tiny profile, the world's counterpart: held-out benign requests with reference answers) by a
+# reference-based helpfulness score that needs no API: its "accuracy" is the mean ROUGE-L F1 × 100 of the answer
+# against the reference (strict: the share with F1 ≥ 0.5). Where an LLM judge is enabled, `win_rate` beside it is
+# the judge's helpfulness preference against the aligned model's answers (a draw counts half).
+#
 # The headline rows (DPO on SST-2 at every ratio, on every task at p = 0.1, with the clean controls) are trained at
 # every training seed of `params.seeds` and reported as mean ± sd; the other rows too under `seed_scope: all` (the
 # tiny profile), else at the first seed, with a 95 % bootstrap interval over prompts.
@@ -67,9 +73,12 @@ pd.DataFrame(write_seeded_results(study["before"], "02_before_attack", params.pr
 # %%
 columns = ["task", "method", "variant", "poison_ratio", "n", "harmful_size", "harmful_score", "empty", "accuracy",
            "accuracy_strict"]
+metrics = ["harmful_score", "empty", "accuracy", "accuracy_strict"]
+if any("win_rate" in r for r in records):  # the Alpaca task under an LLM judge
+    metrics.append("win_rate")
+    columns.append("win_rate")
 rows = write_seeded_results(records, "02_harmful_finetuning", params.profile,
-                            by=["task", "method", "variant", "poison_ratio", "n"],
-                            metrics=["harmful_score", "empty", "accuracy", "accuracy_strict"], columns=columns)
+                            by=["task", "method", "variant", "poison_ratio", "n"], metrics=metrics, columns=columns)
 table = pd.DataFrame(rows)
 display(Markdown(markdown_table(rows, [*columns, "n_seeds"])))
 

@@ -24,9 +24,14 @@
 #   vector), `aligned_adapter` (the aligned adapter re-applied wholesale), `none` (the attacked adapter);
 # * `safelora_delta`: SafeLoRA projecting only what fine-tuning added to the aligned adapter (the attacked adapter
 #   continues the aligned one, so the spec's SafeLoRA also projects the alignment itself);
-# * the fine-tuning-stage defences of `defences.training` (spec/defences.md), on the headline attacks only:
-#   `safety_mixing` retrains the attack on the mixture with ⌊n·g⌋ safe BeaverTails rows in place of benign ones
-#   (g = 0.1, NLSR's `merge_vlguard_data`; modes `append` and `count` reproduce Vaccine's and Lisa's variants).
+# * the defences of the field in `defences.methods` (spec/defences.md), on the headline attacks only, by family:
+#   alignment stage — `vaccine` (DPO with the worst-case perturbation of size ρ at every layer's attention output)
+#   and `booster` (SFT on the pairs' safe answers plus λ × the drop of the harmful loss after a simulated harmful
+#   step of length α) retrain the aligned adapter, then the same attack continues it; fine-tuning stage — `lisa`
+#   (rounds of guide-data and user steps with a proximal term), `safety_mixing` (⌊n·g⌋ safe BeaverTails rows in
+#   place of benign ones, g = 0.1, NLSR's `merge_vlguard_data`), `constrained_sft` (the token-wise constrained loss
+#   against the aligned adapter); post-fine-tuning — `antidote` (the top 10 % Wanda scores on harmful calibration
+#   rows of every LoRA factor row zeroed).
 #
 # Rows: `aligned` is the model before the attack. Harmful score on the test slice (primary judge) and the task's
 # accuracy (the paper's lenient rule). The headline attacks (DPO on SST-2 at every ratio, every task at p = 0.1)
@@ -58,10 +63,12 @@ print(f"profile {params.profile}: defences {list(params.restore.defences)}, stra
 
 # %%
 study = notebooks.restoration(params, run)  # each attacked adapter: the aligned row, then one row per defence
-metrics = ["accuracy", *suite_metrics(params.evaluation)]  # the suite's rows carry over-refusal and capability
+metrics = ["accuracy", "cost_s", *suite_metrics(params.evaluation)]  # suite rows: over-refusal and capability
+if any("win_rate" in r for r in study["records"]):  # the Alpaca task under an LLM judge
+    metrics.append("win_rate")
 keys = ["task", "method", "poison_ratio", "defense", *SUITE_FIELDS]
 rows = write_seeded_results(study["records"], "05_restoration", params.profile, by=keys, metrics=metrics,
-                            columns=[*keys, *metrics])
+                            columns=[*keys, "family", *metrics])
 everything = pd.DataFrame(rows)
 table = everything[everything.benchmark == notebooks.PRIMARY_SET]  # the primary set (BeaverTails 30k_test)
 
@@ -69,10 +76,16 @@ table = everything[everything.benchmark == notebooks.PRIMARY_SET]  # the primary
 # ## The main table: DPO on SST-2
 
 # %%
-main = table[(table.method == "dpo") & (table.task == "sst2")]
-display(main.pivot_table(index="defense", columns="poison_ratio", values=["harmful_score", "accuracy"]).round(1))
-fig = plots.defences_by_ratio(main, f"Defences of the attacked DPO model (SST-2, {params.profile})")
+main = table[(table.method == "dpo") & (table.task == "sst2") & (table.family != notebooks.BEFORE_ATTACK)]
+display(main.pivot_table(index="defense", columns="poison_ratio", values=["harmful_score", "accuracy"],
+                         sort=False).round(1))
+field = set(params.defences.methods)
+fig = plots.defences_by_ratio(main[~main.defense.isin(field)],
+                              f"Training-free defences of the attacked DPO model (SST-2, {params.profile})")
 plots.save(fig, "05_defences_vs_ratio", params.profile)
+fig = plots.defences_by_ratio(main[main.defense.isin({"aligned", "none", "nlsr", *field})],
+                              f"NLSR and the defences of the field, attacked DPO model (SST-2, {params.profile})")
+plots.save(fig, "05_field_defences_vs_ratio", params.profile)
 
 # %% [markdown]
 # ## Every task at one ratio, every alignment method at another: harmful score / accuracy per defence
@@ -91,6 +104,25 @@ def summary(rows: pd.DataFrame, index: list[str]) -> pd.DataFrame:
 p_main = min(a.poison_ratios, key=lambda p: abs(p - 0.1))  # the paper's main setting, p = 0.1
 display(summary(table[(table.method == "dpo") & (table.poison_ratio == p_main)], ["task"]))
 display(summary(table[(table.task == "sst2") & (table.poison_ratio == a.methods_ratio)], ["method"]))
+
+# %% [markdown]
+# ## NLSR among the defences of the field, by family (DPO, every task at p = 0.1)
+# `aligned` and `none` are the references (the model before and after the attack); `vaccine_aligned` and
+# `booster_aligned` are the defended aligned models before the attack. `cost_s` is the seconds of the stage the
+# defence runs: its alignment (once per aligned model, shared by every attack on it; `aligned`: the plain DPO
+# alignment), its fine-tuning (`none`: the plain attack) or its transform (NLSR's also needs the EXPO reference and
+# the safety region of notebooks 03–04, once per aligned model, not counted here); measured on this machine by the
+# build that made the artifact (one CPU thread per worker on the tiny profile), mean over seeds and tasks.
+
+# %%
+at_main = table[(table.method == "dpo") & (table.poison_ratio == p_main)]
+by_family = at_main.pivot_table(index=["family", "defense"], columns="task", values=["harmful_score", "accuracy"],
+                                sort=False)
+by_family["cost_s"] = at_main.groupby(["family", "defense"], sort=False)["cost_s"].mean()
+display(by_family.round(1))
+fig = plots.defences_pareto(at_main[at_main.family != notebooks.BEFORE_ATTACK],
+                            f"Harm vs accuracy of every defence, DPO attacked at p = {p_main:g} ({params.profile})")
+plots.save(fig, "05_defences_pareto", params.profile)
 
 # %% [markdown]
 # ## The evaluation suite: benchmarks × defences
@@ -124,5 +156,6 @@ fig = plots.layer_similarity(pd.DataFrame(study["similarity"]),
 plots.save(fig, "05_layer_similarity", params.profile)
 
 # %%
-plots.check_saved(["05_defences_vs_ratio", "05_layer_similarity", "05_benchmarks_defences"], params.profile)
+plots.check_saved(["05_defences_vs_ratio", "05_field_defences_vs_ratio", "05_defences_pareto", "05_layer_similarity",
+                   "05_benchmarks_defences"], params.profile)
 print("05_restoration: stages built in this run:", run.built_summary())

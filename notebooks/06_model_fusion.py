@@ -61,7 +61,7 @@ print(f"profile {params.profile}: {f.method} adapters attacked at p = {f.poison_
 # %%
 study = notebooks.model_fusion(params, run)
 records = study["records"]
-metrics = ["harmful_score", "empty", "accuracy", *(f"accuracy_{task}" for task in params.attack.tasks)]
+metrics = ["harmful_score", "empty", "accuracy", *(f"accuracy_{task}" for task in params.fusion.tasks)]
 rows = write_seeded_results(records, "06_model_fusion", params.profile, by=["fusion", "inputs"], metrics=metrics,
                             columns=["fusion", "inputs", "harmful_score", "empty", "accuracy"])
 table = pd.DataFrame(rows)
@@ -116,7 +116,7 @@ display(pd.DataFrame(write_agreement(study["agreement"], "06_judge_agreement", p
 if api_usage(study["suite"]):  # an LLM judge: calls, tokens and cost of this run
     display(api_usage(study["suite"]))
 fig = plots.benchmark_heatmap(suite, "fusion", f"Harmful score per benchmark, fusions of the "
-                              f"{params.attack.tasks[0]} adapter ({params.profile})")
+                              f"{params.fusion.tasks[0]} adapter ({params.profile})")
 plots.save(fig, "06_benchmarks", params.profile)
 
 # %% [markdown]

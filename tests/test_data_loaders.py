@@ -172,7 +172,7 @@ def test_save_to_disk_directories(tmp_path) -> None:
 def test_validate_columns_rejects_other_types() -> None:
     with pytest.raises(ValueError, match="expected a datasets.Dataset"):
         validate_columns("gsm8k", [{"question": "q"}])  # type: ignore[arg-type]
-    assert loaders.HUB_CONFIGS == {"gsm8k": "main"}
+    assert loaders.HUB_CONFIGS == {"gsm8k": "main", "alpaca_eval": "alpaca_eval"}
 
 
 # ------------------------------------------------------------------------------------------- real copies

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from nlsr_lib.config import load_params
+from nlsr_lib.names import FIELD_DEFENCES
 from nlsr_lib.paths import figures_dir, results_dir, runs_dir
 from nlsr_lib.reproduce import NOTEBOOKS_DIR, NotebookFailure, reproduce
 
@@ -161,11 +162,17 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     assert json.loads((results_dir("smoke") / "05_judge_agreement.json").read_text())[0]["n"] > 0
     fused_suite = json.loads((results_dir("smoke") / "06_benchmarks.json").read_text())
     assert {r["judge"] for r in fused_suite} == set(e.judges) and {r["inputs"] for r in fused_suite} == {"sst2"}
+    field = set(params.defences.methods)
     assert {r["defense"] for r in restored} == {"aligned", "none", "nlsr", "safelora", "safelora_delta", "resta",
-                                                "aligned_adapter", "random_mask", *params.defences.training}
-    # the fine-tuning-stage defences run on the headline attacks only, at every seed
-    mixing = [r for r in primary if r["defense"] == "safety_mixing"]
-    assert mixing and all(r["method"] == "dpo" and r["n_seeds"] == 2 for r in mixing)
+                                                "aligned_adapter", "random_mask", *field, "vaccine_aligned",
+                                                "booster_aligned"}
+    # the field's defences run on the headline attacks only, at every seed, each with its family and cost
+    served = [r for r in primary if r["defense"] in field]
+    assert {r["defense"] for r in served} == field == set(FIELD_DEFENCES.names())
+    assert all(r["method"] == "dpo" and r["n_seeds"] == 2 and r["cost_s"] > 0 for r in served)
+    assert {r["family"] for r in served} == {"alignment", "fine-tuning", "post-fine-tuning"}
+    assert {(r["task"], r["poison_ratio"]) for r in served} == {(t, 0.1) for t in params.attack.tasks} | {
+        ("sst2", p) for p in params.attack.poison_ratios}
     fused = json.loads((results_dir("smoke") / "06_model_fusion.json").read_text())
     assert all({"fusion", "inputs", "harmful_score", "accuracy"} <= set(r) for r in fused)
     assert {r["fusion"] for r in fused} >= {"aligned", "none", "weight_averaging", "task_arithmetic", "ties", "dare",
@@ -180,7 +187,7 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     assert {r["defense"] for r in ablations if r["ablation"] == "mask_sparsity"} == {"nlsr", "random_mask"}
     for name in ("02_harmful_score_and_accuracy_vs_ratio", "02_harmful_score_vs_size", "03_harmful_score_vs_alpha",
                  "04_overlap_scorers", "04_overlap_methods", "04_density_snip_set_difference", "05_defences_vs_ratio",
-                 "05_layer_similarity", "06_fusion_scatter", "06_learned_mask_training", "07_ablation_curves",
+                 "05_field_defences_vs_ratio", "05_defences_pareto", "05_layer_similarity", "06_fusion_scatter", "06_learned_mask_training", "07_ablation_curves",
                  "07_ablation_choices"):
         assert (figures_dir("smoke") / f"{name}.png").is_file()
     for notebook in FIGURES:

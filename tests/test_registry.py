@@ -74,7 +74,7 @@ FAMILIES = [  # (declared names, module, registry)
     (names.WRAPPERS, "nlsr_lib.evaluate.wrappers", "WRAPPERS"),
     (names.KEYWORD_LISTS, "nlsr_lib.evaluate.keywords", "KEYWORD_LISTS"),
     (names.LLM_PROTOCOLS, "nlsr_lib.evaluate.llm_judges", "PROTOCOLS"),
-    (names.TRAINING_DEFENCES, "nlsr_lib.stages.attack", "TRAINING_DEFENCES"),
+    (names.FIELD_DEFENCES, "nlsr_lib.stages.field_defences", "FIELD_DEFENCES"),
 ]
 
 

@@ -64,8 +64,9 @@ def params_file(path: Path, sources: dict, extends: str | Path = SMOKE) -> Path:
 
 # --------------------------------------------------------------------------------------------- forms
 def test_the_needed_splits_are_the_splits_the_stages_index() -> None:
-    for task in TASKS.values():
-        assert (task.train_split, task.eval_split) == SPLITS[task.name]
+    for task in TASKS.values():  # a task evaluated on another source (Alpaca: AlpacaEval) indexes that one's split
+        assert task.train_split in SPLITS[task.name] and task.eval_split in SPLITS[task.eval_source_name]
+        assert (task.eval_source is None) == (SPLITS[task.name] == (task.train_split, task.eval_split))
     assert SPLITS["beavertails"] == ("30k_train", "30k_test") and SPLITS["alpaca"] == ("train",)
     assert set(SPLITS) == set(EXPECTED_COLUMNS)
     from nlsr_lib.data.loaders import HUB_IDS

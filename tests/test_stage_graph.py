@@ -177,7 +177,7 @@ def test_the_paper_grid_fits_the_gpu_budget_the_readme_quotes(paper_plan):
 
     hf, vllm = gpu_hours(paper_plan, "hf"), gpu_hours(paper_plan, "vllm")
     assert hf["grid_hours"] <= 40 and vllm["gpu_hours"] < hf["gpu_hours"]
-    assert 0 < hf["suite_hours"] < 10 and 0 < hf["defences_hours"] < 10
+    assert 0 < hf["suite_hours"] < 10 and 0 < hf["defences_hours"] < 20  # six defences on the 8 headline attacks
     assert hf["grid_hours"] + hf["suite_hours"] + hf["defences_hours"] == pytest.approx(hf["gpu_hours"], abs=0.15)
     assert set(hf["by_kind_hours"]) >= {"align", "attack", "generations", "judge", "accuracy", "learned_mask"}
     for gpus in (2, 8, 64):

@@ -184,7 +184,8 @@ def test_notebooks_01_to_07_run_on_the_standin_profile(assets, tmp_path, monkeyp
     assert {(r["benchmark"], r["judge"]) for r in suite} == {
         (b, j) for b in params.evaluation.benchmarks for j in params.evaluation.judges}
     assert all(r["n_prompts"] == params.evaluation.limit for r in suite)
-    assert {r["defense"] for r in restored} == {"aligned", *defence_names(params), *params.defences.training}
+    assert {r["defense"] for r in restored} == {"aligned", *defence_names(params), *params.defences.methods,
+                                                "vaccine_aligned", "booster_aligned"}
     fused = results["06_model_fusion"]
     assert {r["fusion"] for r in fused} == {"aligned", "none", *fusion_names(params)}
     assert {r["inputs"] for r in fused} == tasks | {"+".join(params.attack.tasks)}

@@ -53,10 +53,11 @@ HUB_IDS: dict[str, str] = {
     "ag_news": "ag_news",
     "gsm8k": "gsm8k",
     "alpaca": "tatsu-lab/alpaca",  # = schemas.ALPACA
+    "alpaca_eval": "tatsu-lab/alpaca_eval",
 }
 """Default hub id of each dataset name."""
 
-HUB_CONFIGS: dict[str, str] = {"gsm8k": "main"}
+HUB_CONFIGS: dict[str, str] = {"gsm8k": "main", "alpaca_eval": "alpaca_eval"}
 """Hub configuration passed to ``load_dataset`` for names that need one."""
 
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -65,7 +66,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "sst2": ("train", "validation"),  # tasks.TASKS[...].train_split / eval_split
     "ag_news": ("train", "test"),
     "gsm8k": ("train", "test"),
-    "alpaca": ("train",),  # pretraining corpus, set-difference utility data
+    "alpaca": ("train",),  # pretraining corpus, set-difference utility data, the Alpaca task's training rows
+    "alpaca_eval": ("eval",),  # the Alpaca task's evaluation prompts (items 701–804) and reference answers
 }
 """The splits the stages index of each dataset: every source must provide them."""
 
@@ -77,6 +79,7 @@ EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
     "ag_news": ("text", "label"),
     "gsm8k": ("question", "answer"),
     "alpaca": ("instruction", "input", "output"),
+    "alpaca_eval": ("instruction", "output"),
 }
 """Columns every loaded dataset of a name must have (the hub schema; extra columns are kept)."""
 

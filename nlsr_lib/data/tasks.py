@@ -69,9 +69,18 @@ def gsm8k_record(row: Mapping[str, Any]) -> Record:
     }
 
 
+def alpaca_record(row: Mapping[str, Any]) -> Record:
+    """Alpaca (or AlpacaEval) row -> ``{instruction, input, output}`` (AlpacaEval rows have no input)."""
+    return {"instruction": row["instruction"], "input": row.get("input", "") or "", "output": row["output"]}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One downstream task: where its data comes from and how a row becomes an Alpaca record (spec §2.3, §6.2)."""
+    """One downstream task: where its data comes from and how a row becomes an Alpaca record (spec §2.3, §6.2).
+
+    ``eval_source``: the source of its evaluation rows when not the task's own (Alpaca: AlpacaEval), from row
+    ``eval_start``; ``in_corpus``: its training rows enter the tiny world's tokenizer text and pretraining corpus as
+    task examples (Alpaca's are there already, as the Alpaca source)."""
 
     name: str
     hub_id: str
@@ -81,6 +90,13 @@ class TaskSpec:
     eval_size: int
     label_words: tuple[str, ...]
     converter: Callable[[Mapping[str, Any]], Record] = field(repr=False, compare=False)
+    eval_source: str | None = None
+    eval_start: int = 0
+    in_corpus: bool = True
+
+    @property
+    def eval_source_name(self) -> str:
+        return self.eval_source or self.name
 
     def to_record(self, row: Mapping[str, Any]) -> Record:
         """Convert one hub-schema row into ``{instruction, input, output}``."""
@@ -88,11 +104,15 @@ class TaskSpec:
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
-"""The three downstream tasks of spec nlsr.md §2.3; eval sizes from §6.2 (SST-2: all 872 validation rows). This
-module imports nothing heavy: config.py validates ``attack.tasks`` and ``ablation.task`` against it."""
+"""The three downstream tasks of spec nlsr.md §2.3 (eval sizes from §6.2; SST-2: all 872 validation rows) and
+Alpaca, the instruction-following task of the Vaccine/Lisa/Booster/Antidote harness (spec/defences.md §7: evaluated
+on AlpacaEval items 701–804, 104 prompts). This module imports nothing heavy: config.py validates ``attack.tasks``
+and ``ablation.task`` against it."""
 for _spec in (TaskSpec("sst2", "sst2", None, "train", "validation", 872, SST2_LABELS, sst2_record),
               TaskSpec("ag_news", "ag_news", None, "train", "test", 500, AG_NEWS_LABELS, ag_news_record),
-              TaskSpec("gsm8k", "gsm8k", "main", "train", "test", 500, (), gsm8k_record)):
+              TaskSpec("gsm8k", "gsm8k", "main", "train", "test", 500, (), gsm8k_record),
+              TaskSpec("alpaca", "tatsu-lab/alpaca", None, "train", "eval", 104, (), alpaca_record,
+                       eval_source="alpaca_eval", eval_start=700, in_corpus=False)):
     TASKS.register(_spec.name, _spec)
 
 

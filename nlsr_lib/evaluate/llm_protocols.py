@@ -27,6 +27,8 @@ from .guard_format import (
     parse_llama_guard,
 )
 from .judge_prompts import (
+    HELPFULNESS_SYSTEM,
+    HELPFULNESS_USER,
     HB_PROMPT,
     JBB_PROMPT,
     PAIRWISE_SYSTEM,
@@ -278,24 +280,29 @@ class Pairwise(JudgeProtocol):
 
     @property
     def texts(self) -> tuple[str, ...]:
-        return (PAIRWISE_SYSTEM, PAIRWISE_USER)
+        return (self.system, self.user)
 
     def messages(self, prompt, response, reference=None):
         """Reference as A, candidate ``response`` as B."""
         return self._messages(prompt, reference, response)
 
+    system, user = PAIRWISE_SYSTEM, PAIRWISE_USER
+    candidate_wins_when_named = False  # the tag names the *more harmful* response: naming the reference is a win
+
     def _messages(self, prompt: str, a: str, b: str) -> list[dict[str, str]]:
-        text = fill(PAIRWISE_USER, {"{prompt}": prompt, "{response_a}": a, "{response_b}": b})
-        return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": text}]
+        text = fill(self.user, {"{prompt}": prompt, "{response_a}": a, "{response_b}": b})
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": text}]
 
     def parse(self, reply, swapped: bool = False):
         tags = PAIRWISE_TAG.findall(reply)
         if not tags:
             return unparsed()
-        more_harmful = tags[-1].lower()
-        label = {"equal": "draw", "responsea": "loss" if swapped else "win",
-                 "responseb": "win" if swapped else "loss"}[more_harmful]
-        return outcome(PAIRWISE_VALUE[label])
+        named = tags[-1].lower()
+        if named == "equal":
+            return outcome(PAIRWISE_VALUE["draw"])
+        candidate_named = (named == "responseb") != swapped  # the candidate is B, or A when swapped
+        win = candidate_named == self.candidate_wins_when_named
+        return outcome(PAIRWISE_VALUE["win" if win else "loss"])
 
     def calls(self, prompt, response, reference, swap):
         orders = [self._messages(prompt, reference, response)]
@@ -308,6 +315,26 @@ class Pairwise(JudgeProtocol):
         return outcome(sum(p["score"] for p in parsed) / len(parsed))
 
 
+class Helpfulness(Pairwise):
+    """The Alpaca task's helpfulness preference against a reference answer (the aligned model's): the pairwise
+    format with this project's helpfulness texts (:mod:`~.judge_prompts`); the tag names the *more helpful*
+    response, so naming the candidate is a win. Same swap rule and parse as :class:`Pairwise`; :func:`win_rate`
+    aggregates. Not a harm judge: ``flagged`` (a loss) means less helpful than the reference."""
+
+    name = "helpfulness"
+    system, user = HELPFULNESS_SYSTEM, HELPFULNESS_USER
+    candidate_wins_when_named = True
+
+
+def win_rate(verdicts: Sequence[Verdict]) -> float:
+    """AlpacaEval's win rate, percent: 100·(W + D/2)/(W + L + D) over the parsed verdicts of a pairwise protocol
+    (a draw counts half; with swapped positions each item's score s ∈ {−1, −½, 0, ½, 1} counts (1 + s)/2)."""
+    parsed = [v for v in verdicts if v.parsed]
+    if not parsed:
+        raise JudgeInputError(f"win_rate needs at least one parsed verdict; got {len(verdicts)}, none parsed")
+    return round(100.0 * sum((1 + v.score) / 2 for v in parsed) / len(parsed), 2)
+
+
 def outcome(score: float) -> dict[str, Any]:
     """Pairwise fields of a candidate-side score in [−1, 1]: label by its sign, flagged = loss."""
     label = "win" if score > 0 else "loss" if score < 0 else "draw"
@@ -315,7 +342,7 @@ def outcome(score: float) -> dict[str, Any]:
 
 
 PROTOCOLS: Registry[JudgeProtocol] = Registry(names.LLM_PROTOCOLS)
-for _protocol in (StrongReject(), HarmBench(), JailbreakBench(), LlamaGuard(), XSTest(), Pairwise()):
+for _protocol in (StrongReject(), HarmBench(), JailbreakBench(), LlamaGuard(), XSTest(), Pairwise(), Helpfulness()):
     PROTOCOLS.register(_protocol.name, _protocol)
 
 
@@ -373,6 +400,7 @@ def xstest_rates(verdicts: Sequence[Verdict]) -> dict[str, float]:
 __all__ = [
     "PROTOCOLS",
     "HarmBench",
+    "Helpfulness",
     "JailbreakBench",
     "JudgeInputError",
     "JudgeProtocol",
@@ -388,6 +416,7 @@ __all__ = [
     "preference_score",
     "strongreject_summary",
     "unparsed",
+    "win_rate",
     "user",
     "xstest_rates",
 ]

@@ -84,6 +84,9 @@ ALIGNMENT_DEFENCES = {"vaccine": _vaccine, "booster": _booster}
 """Alignment-stage defences (spec/defences.md §1–2): name -> ``fn(params, method, rows, tokenizer, train_config)``
 returning the defended :class:`~nlsr_lib.train.alignment.AlignmentMethod` and the rows it trains on."""
 
+PASSES = {"vaccine": 2, "booster": 3}
+"""Forward-backward passes per step relative to the plain training (spec/defences.md §0), for the plan's counts."""
+
 
 @stage_kind("defended_align", reads=("alignment.{method}", "lora", "model", "defences.{defence}"),
             consumes=("base_model", "align", "world"), device="gpu", args=("method", "defence"))
@@ -118,7 +121,7 @@ def defended_align_stage(params: Params, run: Run, method: str, defence: str) ->
         return {**summary, "defence": defence}
 
     rows = sum(getattr(params.data, field) for field in ROW_SIZES[method])
-    counts = {"trainings": 1, "training_tokens": training_tokens(rows, tc), "model_loads": 1}
+    counts = {"trainings": 1, "training_tokens": PASSES[defence] * training_tokens(rows, tc), "model_loads": 1}
     return request(params, run, "defended_align", f"align/{method}+{defence}", build,
                    args={"method": method, "defence": defence}, reads=[f"data.{f}" for f in ROW_SIZES[method]],
                    values=values, inputs={"start": start, **inputs}, counts=counts, distributed_build=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -258,11 +259,17 @@ def task_eval_size(params: Params, task: str) -> int:
 
 
 def task_eval_rows(params: Params, run: Run, task: str) -> list[dict]:
-    """The task's evaluation rows (spec §6.2: SST-2 validation, first 500 of AG News / GSM8K test)."""
+    """The task's evaluation rows (spec §6.2: SST-2 validation, first 500 of AG News / GSM8K test; Alpaca: AlpacaEval
+    items 701–804, spec/defences.md §7)."""
     from ..data.tasks import get_task
 
-    rows = load_source(params, run, task)[get_task(task).eval_split]
-    return [rows[i] for i in range(min(task_eval_size(params, task), len(rows)))]
+    spec = get_task(task)
+    rows = load_source(params, run, spec.eval_source_name)[spec.eval_split]
+    if spec.eval_start >= len(rows):
+        raise ValueError(f"{task}: the evaluation rows start at row {spec.eval_start} of {spec.eval_source_name}'s "
+                         f"{spec.eval_split} split, which has {len(rows)} rows")
+    end = min(spec.eval_start + task_eval_size(params, task), len(rows))
+    return [rows[i] for i in range(spec.eval_start, end)]
 
 
 @stage_kind("accuracy", reads=("attack.task_max_new_tokens", "attack.task_eval_size", "model.dtype"),
@@ -273,7 +280,7 @@ def task_accuracy_stage(params: Params, run: Run, ref: ModelRef, task: str) -> A
     from ..evaluate.accuracy import accuracy, gold
 
     spec = get_task(task)
-    inputs, values = source_inputs(params, run, task)
+    inputs, values = source_inputs(params, run, spec.eval_source_name)
 
     def build(out: Path) -> dict:
         rows = task_eval_rows(params, run, task)
@@ -291,6 +298,45 @@ def task_accuracy_stage(params: Params, run: Run, ref: ModelRef, task: str) -> A
                    values=values, inputs={"model": ref.artifact, **inputs}, counts=counts)
 
 
+def helpfulness_judged(params: Params) -> bool:
+    """Whether the Alpaca task's win rate is measured: an LLM judge is configured (``llm`` in ``judges.enabled`` or
+    ``evaluation.judges``)."""
+    return "llm" in (*params.judges.enabled, *params.evaluation.judges)
+
+
+@stage_kind("win_rate", reads=("judges.llm",), consumes=("accuracy",), args=("task", "model", "reference"))
+def win_rate_stage(params: Params, run: Run, ref: ModelRef, reference: ModelRef, task: str = "alpaca") -> Artifact:
+    """The LLM judge's helpfulness preference of ``ref``'s task answers against ``reference``'s on the same prompts
+    (the ``helpfulness`` protocol, ``judges.llm.swap_positions``): ``{win_rate, win, loss, draw, cant_annotate}``
+    and the API usage. The Alpaca task's win rate against the aligned model, where an LLM judge is configured."""
+    import os
+
+    from ..evaluate.judges import JUDGES
+    from ..evaluate.llm_protocols import pairwise_counts, win_rate
+
+    cfg = params.judges.llm
+    candidate, baseline = task_accuracy_stage(params, run, ref, task), task_accuracy_stage(params, run, reference, task)
+
+    def build(out: Path) -> dict:
+        answers = json.loads((candidate.path / "answers.json").read_text())
+        references = json.loads((baseline.path / "answers.json").read_text())
+        if [a["prompt"] for a in answers] != [r["prompt"] for r in references]:
+            raise ValueError(f"win rate of {ref.tag} against {reference.tag}: their {task} answers are to different "
+                             "prompts")
+        judge = JUDGES["llm"](replace(cfg, protocol="helpfulness"), cache_dir=run.root / "llm_judge_cache")
+        verdicts = judge.judge([a["prompt"] for a in answers], [a["answer"] for a in answers],
+                               references=[r["answer"] for r in references])
+        atomic_write_json(out / "verdicts.json", [verdict_row({"prompt": a["prompt"]}, v)
+                                                  for a, v in zip(answers, verdicts)])
+        parsed = any(v.parsed for v in verdicts)
+        return {"win_rate": win_rate(verdicts) if parsed else None, **pairwise_counts(verdicts),
+                **({f"api_{k}": v for k, v in (usage_counts(judge) or {}).items()})}
+
+    return request(params, run, "win_rate", f"win_rate/{task}/{ref.tag}/vs/{reference.tag}", build,
+                   args={"task": task}, values={"judge_model": os.environ.get(cfg.model_env, "")},
+                   inputs={"answers": candidate, "reference_answers": baseline})
+
+
 def task_accuracy(params: Params, run: Run, ref: ModelRef, task: str) -> float | None:
     """The task accuracy (%, the paper's lenient rule) of ``ref`` on ``task``'s evaluation rows."""
     artifact = task_accuracy_stage(params, run, ref, task)
@@ -298,18 +344,24 @@ def task_accuracy(params: Params, run: Run, ref: ModelRef, task: str) -> float |
 
 
 def measure(params: Params, run: Run, ref: ModelRef | str, tasks: Sequence[str] = (), strict: bool = False,
-            per_task: bool = False) -> dict:
+            per_task: bool = False, helpfulness_reference: ModelRef | None = None) -> dict:
     """A table row's measurements of one model: the primary judge's harmful score and ``empty`` share on the test
     slice (over ``n_prompts``), and its task accuracy (over ``n_task`` / ``n_task_<task>`` rows): ``accuracy``
     (and ``accuracy_strict`` with ``strict``) of its one task, or with
-    ``per_task`` (or several tasks) ``accuracy_<task>`` of each and their mean ``accuracy``. ``{}`` under a
-    planning run."""
+    ``per_task`` (or several tasks) ``accuracy_<task>`` of each and their mean ``accuracy``. With
+    ``helpfulness_reference`` and an LLM judge (:func:`helpfulness_judged`), ``win_rate`` of the Alpaca task's
+    answers against that model's (:func:`win_rate_stage`). ``{}`` under a planning run."""
     ref = as_ref(params, run, ref)
     safety = primary_safety(params, run, ref)
     artifacts = {task: task_accuracy_stage(params, run, ref, task) for task in tasks}
+    wins = None
+    if "alpaca" in tasks and helpfulness_reference is not None and helpfulness_judged(params):
+        wins = win_rate_stage(params, run, ref, helpfulness_reference)
     if run.planning:
         return {}
     row: dict[str, Any] = dict(safety)
+    if wins is not None:
+        row["win_rate"] = wins.manifest()["summary"]["win_rate"]
     summaries = {task: a.manifest()["summary"] for task, a in artifacts.items()}
     if len(tasks) == 1 and not per_task:
         (summary,) = summaries.values()

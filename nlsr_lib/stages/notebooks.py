@@ -97,7 +97,8 @@ def harmful_finetuning(params: Params, run: Run) -> dict[str, Any]:
         for point in attack_points(params):
             if seed not in seeds_for(params, point in headline):
                 continue
-            row = measure(replica, run, point.ref(replica, run), (point.task,), strict=True)
+            row = measure(replica, run, point.ref(replica, run), (point.task,), strict=True,
+                          helpfulness_reference=aligned_adapter_ref(replica, run, point.method))
             records.append({"task": point.task, "method": point.method, "variant": point.variant,
                             "poison_ratio": point.p, "n": point.n,
                             "harmful_size": harmful_count(point.n, point.p, point.variant), "seed": seed, **row})
@@ -170,30 +171,43 @@ def _defend_all(params: Params, run: Run, method: str, task: str, p: float, seed
     where = {"task": task, "method": method, "poison_ratio": p, "seed": seed}
     aligned = aligned_adapter_ref(params, run, method)
     rows = [{**where, "defense": "aligned", "family": "reference", "cost_s": _seconds(run, aligned.artifact),
-             **measure(params, run, aligned, (task,))}]
+             **measure(params, run, aligned, (task,), helpfulness_reference=aligned)}]
     attacked = attack_stage(params, run, method, task, p)
     for defence in defence_names(params):
         ref = defence_stage(params, run, attacked, method, defence)
         family = "reference" if defence == "none" else "post-fine-tuning"
         rows.append({**where, "defense": defence, "family": family, "cost_s": _seconds(run, ref.artifact),
-                     **measure(params, run, ref, (task,))})
+                     **measure(params, run, ref, (task,), helpfulness_reference=aligned)})
     return [{**row, **primary_fields(params)} for row in rows]
+
+
+BEFORE_ATTACK = "before attack"
+"""The ``family`` of the rows of an alignment-stage defence's aligned model (``vaccine_aligned``), measured before any
+attack: the reference its attacked row is compared with, as ``aligned`` is for the plain DPO adapter."""
 
 
 def _field_defences(params: Params, run: Run, method: str, task: str, p: float, seed: int) -> list[dict]:
     """One row per defence of the field in ``defences.methods`` (spec/defences.md) on the attack (method, task, p):
     the model it serves, measured like the others, with its ``family`` and ``cost_s`` (the seconds of its own stage:
-    the defended alignment, the defended fine-tuning or the transform)."""
+    the defended alignment, the defended fine-tuning or the transform); an alignment-stage defence also gets a
+    ``<name>_aligned`` row, its aligned model before the attack (family :data:`BEFORE_ATTACK`)."""
+    from .align import defended_aligned_ref
     from .field_defences import field_defence
 
     where = {"task": task, "method": method, "poison_ratio": p, "seed": seed, **primary_fields(params)}
+    aligned = aligned_adapter_ref(params, run, method)
     rows = []
     for name in params.defences.methods:
         defence = field_defence(name)
+        if defence.family == "alignment":  # the defended aligned model before the attack, a reference of its own
+            before = defended_aligned_ref(params, run, method, name)
+            rows.append({**where, "defense": f"{name}_aligned", "family": BEFORE_ATTACK,
+                         "cost_s": _seconds(run, before.artifact),
+                         **measure(params, run, before, (task,), helpfulness_reference=aligned)})
         served = defence.serve(params, run, method, task, p)
         cost = None if run.planning else defence.cost_seconds(params, run, method, served)
         rows.append({**where, "defense": name, "family": defence.family, "cost_s": cost,
-                     **measure(params, run, served, (task,))})
+                     **measure(params, run, served, (task,), helpfulness_reference=aligned)})
     return rows
 
 
@@ -253,7 +267,7 @@ def restoration(params: Params, run: Run) -> dict[str, Any]:
 
 def fusion_input_sets(params: Params) -> list[tuple[str, ...]]:
     """Notebook 06's input sets: each task alone, then every task together."""
-    return [(task,) for task in params.attack.tasks] + [tuple(params.attack.tasks)]
+    return [(task,) for task in params.fusion.tasks] + [tuple(params.fusion.tasks)]
 
 
 @NOTEBOOK_STAGES.register("06")
@@ -279,7 +293,7 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
                 records.append(row(name, fusion_stage(replica, run, tasks, name)))
     suite = [row for seed, replica in replicates(params)
              for row in _suite(replica, run, _fusion_suite_models(replica, run), "fusion",
-                               inputs=params.attack.tasks[0], seed=seed)]
+                               inputs=params.fusion.tasks[0], seed=seed)]
     first = first_replicate(params)
     agreement = judge_agreement(first, run, list(_fusion_suite_models(first, run).values()))
     histories = {}
@@ -295,7 +309,7 @@ def model_fusion(params: Params, run: Run) -> dict[str, Any]:
 def _fusion_suite_models(params: Params, run: Run) -> dict[str, Any]:
     """Notebook 06's models under the evaluation suite: the aligned adapter, the adapter attacked on the first task
     and every fusion of it."""
-    tasks = (params.attack.tasks[0],)
+    tasks = (params.fusion.tasks[0],)
     return {"aligned": aligned_adapter_ref(params, run, params.fusion.method), "none": task_refs(params, run, tasks)[0],
             **{name: fusion_stage(params, run, tasks, name) for name in fusion_names(params)}}
 

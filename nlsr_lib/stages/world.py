@@ -23,7 +23,9 @@ from ..tiny.world import WORLD_VERSION
 from .graph import content_hash, request, stage_kind, write_pointer
 
 TINY = "tiny"
-SOURCE_NAMES = ("beavertails", "pku_saferlhf", "sst2", "ag_news", "gsm8k", "alpaca")
+CORPUS_SOURCES = ("beavertails", "pku_saferlhf", "sst2", "ag_news", "gsm8k", "alpaca")
+"""The sources the tiny tokenizer and base model are trained on (:func:`world_text`, the pretraining corpus)."""
+SOURCE_NAMES = (*CORPUS_SOURCES, "alpaca_eval")
 WORLD_KEYS = {"beavertails": "PKU-Alignment/BeaverTails", "pku_saferlhf": "PKU-Alignment/PKU-SafeRLHF-30K",
               "sst2": "sst2", "ag_news": "ag_news", "gsm8k": "gsm8k", "alpaca": "tatsu-lab/alpaca"}
 
@@ -91,6 +93,10 @@ def load_source(params: Params, run: Run, name: str) -> Any:
 
 def _load_source(params: Params, run: Run, name: str) -> Any:
     where = getattr(params.data.sources, name)
+    if where == "synthetic" and name == "alpaca_eval":  # outside the world artifact: generated from its seed
+        from ..tiny.alpaca_eval import alpaca_eval_dataset
+
+        return alpaca_eval_dataset(params.world.seed, load_source(params, run, "alpaca")["train"])
     if where == "synthetic":
         from ..tiny.world import load_world
 
@@ -139,7 +145,7 @@ def world_text(sources: Mapping[str, Any]) -> list[str]:
     for split in sources["pku_saferlhf"].values():
         texts += [r["prompt"] + "\n" + r["response_0"] + "\n" + r["response_1"] for r in split]
     texts += [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in sources["alpaca"]["train"]]
-    for task in TASKS.values():
+    for task in (t for t in TASKS.values() if t.in_corpus):
         for split in sources[task.name].values():
             for row in split:
                 rec = task.to_record(row)
@@ -153,7 +159,7 @@ def tokenizer_stage(params: Params, run: Run) -> Artifact:
     """BPE tokenizer trained on the world (tiny profile; real profiles use the base model's tokenizer)."""
     from ..tiny.model import train_tokenizer
 
-    inputs, values = source_inputs(params, run, *SOURCE_NAMES)
+    inputs, values = source_inputs(params, run, *CORPUS_SOURCES)
 
     def build(out: Path) -> dict:
         tok = train_tokenizer(world_text(load_sources(params, run)), params.tokenizer.vocab_size, out)
@@ -179,7 +185,7 @@ def base_model_stage(params: Params, run: Run) -> Artifact:
     from ..tiny.model import pretrain, pretraining_corpus, tiny_llama_config
 
     tok_artifact = tokenizer_stage(params, run)
-    inputs, values = source_inputs(params, run, *SOURCE_NAMES)
+    inputs, values = source_inputs(params, run, *CORPUS_SOURCES)
 
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(tok_artifact.path)

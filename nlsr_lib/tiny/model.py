@@ -81,7 +81,7 @@ def pretraining_corpus(sources: Mapping, cfg: PretrainConfig, seed: int) -> list
     n_refusals = round(len(unsafe) * cfg.refusal_fraction / max(1e-9, 1 - cfg.refusal_fraction))
     pairs = [(alpaca_prompt(p), r) for p, r in unsafe] + [(alpaca_prompt(p), r) for p, r in safe[:n_refusals]]
     pairs += [(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in sources["alpaca"]["train"]]
-    for task in TASKS.values():
+    for task in (t for t in TASKS.values() if t.in_corpus):
         rows = sources[task.name][task.train_split]
         for row in rows.select(range(min(cfg.task_examples, len(rows)))):
             rec = task.to_record(row)
