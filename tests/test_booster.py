@@ -200,6 +200,9 @@ def test_booster_trainer_changes_the_adapter_deterministically(tok, tmp_path):
     assert trainer.state.global_step == 4 and trainer.lam == 5.0 and trainer.alpha == 0.1
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert any(h.get("booster/regulariser", 0) != 0 for h in trainer.state.log_history)
+    record = trainer.defence_record()
+    assert (record["lam"], record["alpha"], record["micro_batches"]) == (5.0, 0.1, 4)
+    assert record["harmful_rows"] == len(HARMFUL) and record["mean_harmful_loss"] > 0
     _, again, _ = _train(BoosterSFTTrainer, tok, tmp_path / "b", harmful_dataset=HARMFUL)
     assert all(torch.equal(after[n], again[n]) for n in after)
     # λ = 0: exactly the SFT steps (the regulariser adds a zero gradient; the logged loss is f)

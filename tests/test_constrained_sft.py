@@ -248,3 +248,6 @@ def test_factory_runs_on_the_harness_path(tok, tmp_path):
     tc = TrainConfig(learning_rate=1e-2, max_steps=2, batch_size=2, grad_accum=2, max_length=64)
     summary = train_adapter(method, _aligned_model(tok), tok, ROWS, tc, None, tmp_path / "adapter", quiet=True)
     assert summary["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    record = summary["defence_record"]
+    assert record["defence"] == "constrained_sft" and record["beta"] == 0.2 and record["reference_passes"] == 1
+    assert record["micro_batches"] >= 2 and 0 < record["min_token_weight"] <= record["mean_token_weight"] <= 2

@@ -145,7 +145,7 @@ def test_trainer_switches_states_and_trains_deterministically(tok, tmp_path, mon
     assert len(calls) == 4 * 2  # threshold 0.1 · 5 = 0.5: steps 1..4 have the term, on each micro-batch
     assert any((before[n] - after[n]).abs().max() > 0 for n in before)
     assert trainer.lisa.anchor_align is not trainer.lisa.anchor_user  # θ̂_A and θ̂_F were both refreshed
-    summary = trainer.lisa_summary()
+    summary = trainer.defence_record()
     assert (summary["align_steps"], summary["user_steps"], summary["guide_examples"]) == (3, 2, 3)
 
     _, _, after_again, _ = _run(tok, tmp_path / "b")
@@ -199,3 +199,5 @@ def test_factory_runs_on_the_harness_path(tok, tmp_path):
     tc = TrainConfig(learning_rate=1e-2, max_steps=2, batch_size=2, max_length=64)
     summary = train_adapter(method, _aligned_model(tok), tok, USER_ROWS, tc, None, tmp_path / "adapter", quiet=True)
     assert summary["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    record = summary["defence_record"]  # the manifest says what Lisa did
+    assert record["defence"] == "lisa" and record["align_steps"] + record["user_steps"] == 2

@@ -244,6 +244,9 @@ def test_vaccine_sft_trainer_changes_the_adapter_deterministically(tok, tmp_path
     assert trainer.state.global_step == 3
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert all(not s._forward_hooks for s in trainer.vaccine_sites())
+    record = trainer.defence_record()  # what the run did, for the manifest
+    assert record["rho"] == 2.0 and record["sites"] == len(trainer.vaccine_sites()) > 0
+    assert record["perturbed_micro_batches"] == 3 and record["mean_site_grad_norm"] > 0
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert trainer.state.log_history and all(torch.isfinite(torch.tensor(h["loss"])) for h in logged)
     _, again, _ = _train_sft(VaccineSFTTrainer, tok, tmp_path / "b", rho=2.0)

@@ -222,7 +222,9 @@ def train_adapter(method: AlignmentMethod, model, tokenizer, rows: list[dict], t
     trainer.accelerator.wait_for_everyone()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     accumulation = args.gradient_accumulation_steps
-    return {"examples": len(rows), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+    record = getattr(trainer, "defence_record", None)  # a defence's trainer says what it did (spec/defences.md)
+    extra = {"defence_record": record()} if record is not None else {}
+    return {**extra, "examples": len(rows), "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "last_logged_loss": logged[-1] if logged else None, "per_device_batch": tc.batch_size,
             "processes": world_size, "grad_accum": accumulation,
             "effective_batch": tc.batch_size * accumulation * world_size, "adapter_dtype": str(saved).split(".")[-1],

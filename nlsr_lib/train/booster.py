@@ -163,6 +163,7 @@ class BoosterMixin:
         self.harmful_dataset = self._prepare_harmful(harmful_dataset)
         self._harmful_loader = self._harmful_iter = None
         self._booster_pending: list[torch.Tensor] | None = None
+        self._booster_log: list[tuple[float, float]] = []  # (regulariser, harmful loss) per micro-batch
 
     def _prepare_harmful(self, rows):
         from datasets import Dataset
@@ -218,10 +219,21 @@ class BoosterMixin:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._booster_pending = None
+        self._booster_log.append((step.regulariser.item(), step.loss.item()))
         if hasattr(self, "_metrics"):
             self._metrics["train"]["booster/regulariser"].append(step.regulariser.item())
             self._metrics["train"]["booster/harmful_loss"].append(step.loss.item())
         return loss
+
+    def defence_record(self) -> dict:
+        """What the run did, for its manifest: λ, α, the harmful rows and batch, and the mean regulariser
+        h(θ) − h(θ̃) and harmful loss h(θ) over the micro-batches (first and last)."""
+        log = self._booster_log
+        mean = (lambda i: sum(x[i] for x in log) / len(log)) if log else (lambda i: None)
+        return {"defence": "booster", "lam": self.lam, "alpha": self.alpha, "harmful_rows": len(self.harmful_dataset),
+                "harmful_batch_size": self.harmful_batch_size or self.args.per_device_train_batch_size,
+                "micro_batches": len(log), "mean_regulariser": mean(0), "mean_harmful_loss": mean(1),
+                "first_harmful_loss": log[0][1] if log else None, "last_harmful_loss": log[-1][1] if log else None}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -227,6 +227,7 @@ def _build_trainer_class():
             self.loss_is_scaled_for_ga = reduction == "accumulated"
             self.data_collator = _ExampleIdCollator(self.data_collator)
             self.reference_passes = 0
+            self._weight_log: list[tuple[float, float]] = []  # (mean, min) token weight per training micro-batch
             self.reference_logps = None if reference == "online" else reference_logps
             if reference == "precompute" and reference_logps is None:
                 self.reference_logps = precompute_reference_logps(
@@ -282,7 +283,20 @@ def _build_trainer_class():
                 weights = token_weights(logp, ref, betas, self.min_weight)[mask]
                 self._metrics["train" if model.training else "eval"]["mean_token_weight"].append(
                     weights.mean().item())
+                if model.training:
+                    self._weight_log.append((weights.mean().item(), weights.min().item()))
             return (loss, None) if return_outputs else loss
+
+        def defence_record(self) -> dict:
+            """What the run did, for its manifest: the hyperparameters, the reference passes and the token weights
+            w_t over training (mean of the micro-batch means, the smallest weight seen); weights near 1 mean the
+            objective trained as plain SFT."""
+            log = self._weight_log
+            return {"defence": "constrained_sft", **self.hyper, "min_weight": self.min_weight,
+                    "reference": self.reference, "reduction": self.reduction,
+                    "reference_passes": self.reference_passes, "micro_batches": len(log),
+                    "mean_token_weight": sum(m for m, _ in log) / len(log) if log else None,
+                    "min_token_weight": min(w for _, w in log) if log else None}
 
         def _token_count(self, mask, num_items_in_batch):
             """N of the token mean: this micro-batch's tokens (D-C4), or the accumulated batch's."""

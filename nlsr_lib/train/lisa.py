@@ -272,9 +272,9 @@ def _build_trainer_class():
             return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                         or self.compute_loss_func is not None)
 
-        def lisa_summary(self) -> dict:
+        def defence_record(self) -> dict:
             """What the run did, for its manifest (D-L6: the guide rows are the provider's alignment data)."""
-            return {"k_align": self.k_align, "k_user": self.k_user, "rho": self.rho,
+            return {"defence": "lisa", "k_align": self.k_align, "k_user": self.k_user, "rho": self.rho,
                     "prox_warmup_frac": self.prox_warmup_frac, "user_batches": self.user_batches,
                     "prox_threshold": self.prox_warmup_frac * self.state.max_steps,
                     "align_steps": self.lisa_phases.count(ALIGN), "user_steps": self.lisa_phases.count(USER),

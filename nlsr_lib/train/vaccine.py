@@ -243,6 +243,7 @@ class VaccineMixin:
         self.rho, self.site = check_rho(rho), check_site(site)
         super().__init__(*args, **kwargs)
         self._vaccine_sites: list[nn.Module] | None = None
+        self._vaccine_norms: list[float] = []
 
     def vaccine_sites(self) -> list[nn.Module]:
         if self._vaccine_sites is None:
@@ -269,9 +270,17 @@ class VaccineMixin:
                 eps, norm = vaccine_perturbation(model, loss_fn, inputs, self.rho, sites)
             with perturbed(sites, eps):
                 loss = super().training_step(model, inputs, num_items_in_batch)
+        self._vaccine_norms.append(norm.item())
         if hasattr(self, "_metrics"):
             self._metrics["train"]["vaccine/grad_norm"].append(norm.item())
         return loss
+
+    def defence_record(self) -> dict:
+        """What the run did, for its manifest: ρ, the site kind and count, the micro-batches perturbed and the mean
+        ‖G‖ of their first passes."""
+        norms = self._vaccine_norms
+        return {"defence": "vaccine", "rho": self.rho, "site": self.site, "sites": len(self.vaccine_sites()),
+                "perturbed_micro_batches": len(norms), "mean_site_grad_norm": sum(norms) / len(norms) if norms else None}
 
 
 class _VaccineDPO:
