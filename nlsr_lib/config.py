@@ -523,6 +523,9 @@ class DefencesConfig:
 
     methods: tuple[str, ...] = _f(("vaccine", "booster", "lisa", "safety_mixing", "constrained_sft", "antidote"),
                                   choices=FIELD_DEFENCES, doc="the field's defences notebook 05 runs (default: all)")
+    scope: str = _f("headline", choices=("headline", "main"),
+                    doc="the attacks they defend: every headline attack (DPO on every task at p = 0.1 and on SST-2 "
+                        "at every ratio) | the main one only (DPO on the first task at p ≈ 0.1; quick checks)")
     vaccine: VaccineConfig = _sub(VaccineConfig)
     booster: BoosterConfig = _sub(BoosterConfig)
     lisa: LisaConfig = _sub(LisaConfig)

@@ -34,7 +34,9 @@
 #   rows of every LoRA factor row zeroed).
 #
 # Rows: `aligned` is the model before the attack. Harmful score on the test slice (primary judge) and the task's
-# accuracy (the paper's lenient rule). The headline attacks (DPO on SST-2 at every ratio, every task at p = 0.1)
+# accuracy (the paper's lenient rule; for Alpaca the reference-based helpfulness of notebook 02, mean ROUGE-L F1 × 100,
+# and `win_rate` against the aligned model's answers where an LLM judge is configured). `defences.scope: main` runs the
+# field's defences on the main attack only (quick checks). The headline attacks (DPO on SST-2 at every ratio, every task at p = 0.1)
 # are defended at every training seed (mean ± sd); the other methods' rows too under `seed_scope: all` (the tiny
 # profile), else at the first seed.
 

@@ -104,7 +104,7 @@ def test_nlsr_beats_no_defence_and_the_random_control_on_every_attack_at_every_s
 
 def test_learned_mask_and_rank_region_fusion_are_safer_than_their_baselines_at_every_seed():
     records = seeds_of("06_model_fusion")
-    for task in TINY.attack.tasks:
+    for task in TINY.fusion.tasks:
         h = {f: values(records, "harmful_score", fusion=f, inputs=task)
              for f in ("learned_mask", "learned_mask_random", "region_rank_out", "task_arithmetic")}
         acc = {f: values(records, "accuracy", fusion=f, inputs=task) for f in ("region_rank_out", "task_arithmetic")}

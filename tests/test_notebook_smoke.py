@@ -171,8 +171,7 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     assert {r["defense"] for r in served} == field == set(FIELD_DEFENCES.names())
     assert all(r["method"] == "dpo" and r["n_seeds"] == 2 and r["cost_s"] > 0 for r in served)
     assert {r["family"] for r in served} == {"alignment", "fine-tuning", "post-fine-tuning"}
-    assert {(r["task"], r["poison_ratio"]) for r in served} == {(t, 0.1) for t in params.attack.tasks} | {
-        ("sst2", p) for p in params.attack.poison_ratios}
+    assert {(r["task"], r["poison_ratio"]) for r in served} == {("sst2", 0.1)}  # defences.scope: main
     fused = json.loads((results_dir("smoke") / "06_model_fusion.json").read_text())
     assert all({"fusion", "inputs", "harmful_score", "accuracy"} <= set(r) for r in fused)
     assert {r["fusion"] for r in fused} >= {"aligned", "none", "weight_averaging", "task_arithmetic", "ties", "dare",

@@ -239,13 +239,14 @@ def restoration(params: Params, run: Run) -> dict[str, Any]:
     at each ratio, first seed (``similarity``)."""
     a = params.attack
     headline = {(point.task, point.p) for point in headline_points(params) if point.variant == "poisoned"}
+    field_attacks = headline if params.defences.scope == "headline" else {suite_attack(params)[1:]}
     records = []
     for seed, replica in replicates(params):
         for task in a.tasks:
             for p in a.poison_ratios:
                 if seed in seeds_for(params, (task, p) in headline):
                     records += _defend_all(replica, run, "dpo", task, p, seed)
-                if (task, p) in headline:  # the field's defences: a training each, headline attacks only
+                if (task, p) in field_attacks:  # the field's defences: a training each, headline attacks only
                     records += _field_defences(replica, run, "dpo", task, p, seed)
         if seed in seeds_for(params, headline=False):
             for method in (m for m in params.alignment.methods if m != "dpo"):
