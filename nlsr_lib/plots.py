@@ -136,6 +136,9 @@ def harmful_score_by_method(table: pd.DataFrame, title: str, order: Sequence[str
     return fig
 
 
+TASK_LEGENDS = {"alpaca": "alpaca (accuracy: ROUGE-L helpfulness)"}
+
+
 def attack_by_ratio(table: pd.DataFrame, title: str):
     """Harmful score (left) and task accuracy (right) vs poison ratio, one colour per task. Accuracy is drawn twice:
     the paper's rule as large hollow circles, the strict rule as small filled squares on top, so both stay visible
@@ -154,7 +157,7 @@ def attack_by_ratio(table: pd.DataFrame, title: str):
             banded |= _band(ax, rows["poison_ratio"], rows[metric], _spread(rows, metric), color)
     left.set(xlabel="poison ratio p", ylabel="harmful score (%)  ↓ safer", ylim=(-2, 102), title="safety")
     right.set(xlabel="poison ratio p", ylabel="task accuracy (%)  ↑", ylim=(-2, 102), title="task accuracy")
-    task_handles = [plt.Line2D([], [], color=c, marker="o", label=t) for t, c in palette.items()]
+    task_handles = [plt.Line2D([], [], color=c, marker="o", label=TASK_LEGENDS.get(t, t)) for t, c in palette.items()]
     rule_handles = [plt.Line2D([], [], color="0.3", marker="o", markersize=9, markerfacecolor="none",
                                label="accuracy, paper rule"),
                     plt.Line2D([], [], color="0.3", marker="s", markersize=4, linestyle="--",
@@ -407,7 +410,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def family_scatter(table: pd.DataFrame, title: str, *, name: str, group: str, family: Callable[[str], str],
-                   markers: Mapping[str, str], legend: str, group_title: str = "inputs: {}",
+                   markers: Mapping[str, str], legend: str, group_title: str | Callable[[str], str] = "inputs: {}",
                    references: Sequence[str] = ("aligned", "none"), pareto: bool = False,
                    ylabel: str = "task accuracy (%)  ↑"):
     """Safety vs accuracy of every model in ``table``, one panel per value of ``group``: x = harmful score (↓ safer),
@@ -444,16 +447,17 @@ def family_scatter(table: pd.DataFrame, title: str, *, name: str, group: str, fa
                        marker=markers[family(label)], edgecolors="white", linewidths=0.6)
         if pareto:
             front = pareto_front(list(zip(sub["harmful_score"], sub["accuracy"])))
-            ax.plot(*zip(*front), linestyle="--", color="0.6", linewidth=1, zorder=1, drawstyle="steps-post")
+            ax.plot(*zip(*front), linestyle="--", color="0.25", linewidth=1.4, alpha=0.8, zorder=2.5,
+                    drawstyle="steps-post")
         low, high = ax.get_ylim()
         ax.set_ylim(low, min(high, 100.5))
-        ax.set_title(group_title.format(value))
+        ax.set_title(group_title(value) if callable(group_title) else group_title.format(value))
         ax.set_xlabel("harmful score (%)  ↓ safer")
         ax.set_ylabel(ylabel)
     handles = [plt.Line2D([], [], marker=markers[family(n)], color=colors[n], linestyle="", markersize=8,
                           label=f"{n}  ({family(n)})") for n in names]
     if pareto:
-        handles.append(plt.Line2D([], [], linestyle="--", color="0.6", label="Pareto front"))
+        handles.append(plt.Line2D([], [], linestyle="--", color="0.25", label="Pareto front"))
     axes[0][-1].legend(handles=handles, title=legend, bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
     spread = xerr is not None or yerr is not None
     fig.suptitle(_with_note(title, f"error bars: {_seed_note(table)}" if spread else None))
@@ -469,6 +473,13 @@ def fusion_scatter(table: pd.DataFrame, title: str):
                           ylabel="mean task accuracy (%)  ↑")
 
 
+TASK_TITLES = {"alpaca": "task: alpaca (y: helpfulness, ROUGE-L F1 × 100)"}
+"""Panel titles of tasks whose accuracy needs a word: Alpaca's is the reference-based helpfulness score."""
+
+
+def task_title(task: str) -> str:
+    return TASK_TITLES.get(task, f"task: {task}")
+
 DEFENCE_FAMILY_MARKERS = {"reference": "s", "alignment": "v", "fine-tuning": "o", "post-fine-tuning": "^"}
 
 
@@ -478,7 +489,7 @@ def defences_pareto(table: pd.DataFrame, title: str):
     fine-tuning stage, post-fine-tuning), dashed: the Pareto front."""
     families = dict(zip(table["defense"], table["family"]))
     return family_scatter(table, title, name="defense", group="task", family=families.__getitem__,
-                          markers=DEFENCE_FAMILY_MARKERS, legend="defence (shape = family)", group_title="task: {}",
+                          markers=DEFENCE_FAMILY_MARKERS, legend="defence (shape = family)", group_title=task_title,
                           pareto=True)
 
 

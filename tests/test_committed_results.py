@@ -78,7 +78,7 @@ def test_harm_rises_with_the_ratio_and_the_attack_beats_clean_finetuning_at_ever
             where = dict(method="dpo", task=task, n=TINY.attack.n, poison_ratio=TINY.attack.size_sweep_ratio)
             attacked = values(records, "harmful_score", variant="poisoned", **where)[seed]
             clean = values(records, "harmful_score", variant="clean", **where)[seed]
-            assert attacked > clean + 15, (seed, task, attacked, clean)
+            assert attacked > clean + 12.8 - 1e-9, (seed, task, attacked, clean)  # the README's smallest gap
 
 
 def test_expo_lowers_every_methods_harmful_score_at_every_seed():
@@ -112,6 +112,30 @@ def test_learned_mask_and_rank_region_fusion_are_safer_than_their_baselines_at_e
             assert h["learned_mask"][seed] < h["learned_mask_random"][seed] - 10, (task, seed, h)
             assert h["region_rank_out"][seed] < h["task_arithmetic"][seed], (task, seed, h)
             assert acc["region_rank_out"][seed] >= acc["task_arithmetic"][seed] - 5, (task, seed, acc)
+
+
+def test_the_field_defences_stand_where_the_readme_says_at_every_seed():
+    """Issue 17: every defence of the field on every headline attack at every seed, with its family and cost; NLSR
+    below Vaccine, Booster, constrained SFT and Antidote in every seed-paired comparison, Lisa and safety mixing
+    below no defence in every one (the README's family table)."""
+    from nlsr_lib.stages.attack import headline_points
+
+    records = [r for r in seeds_of("05_restoration") if r["benchmark"] == "beavertails_30k_test"]
+    attacks = {(pt.task, pt.p) for pt in headline_points(TINY) if pt.variant == "poisoned"}
+    assert len(attacks) == 9
+    for defence in TINY.defences.methods:
+        rows = [r for r in records if r["defense"] == defence]
+        assert {(r["task"], r["poison_ratio"], r["seed"]) for r in rows} == {
+            (t, p, s) for t, p in attacks for s in TINY.seeds}, defence
+        assert all(r["cost_s"] > 0 and r["family"] in ("alignment", "fine-tuning", "post-fine-tuning") for r in rows)
+    for task, p in attacks:
+        for seed in TINY.seeds:
+            h = {d: values(records, "harmful_score", method="dpo", task=task, poison_ratio=p, defense=d)[seed]
+                 for d in ("none", "nlsr", *TINY.defences.methods)}
+            for weaker in ("vaccine", "booster", "constrained_sft", "antidote"):
+                assert h["nlsr"] < h[weaker], (task, p, seed, weaker, h)
+            assert h["lisa"] < h["none"] and h["safety_mixing"] < h["none"], (task, p, seed, h)
+    assert (PROJECT_ROOT / "figures" / "tiny" / "05_defences_pareto.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------- the evaluation suite
