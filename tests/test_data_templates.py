@@ -112,9 +112,9 @@ def test_bad_labels_are_rejected_with_the_allowed_ids(name: str, label: object) 
 
 
 def test_unknown_task_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="unknown task 'mnli'; registered: sst2, ag_news, gsm8k"):
+    with pytest.raises(ValueError, match="unknown task 'mnli'; registered: sst2, ag_news, gsm8k, alpaca"):
         get_task("mnli")
-    assert set(TASKS) == {"sst2", "ag_news", "gsm8k"}
+    assert set(TASKS) == {"sst2", "ag_news", "gsm8k", "alpaca"}
 
 
 def test_task_record_to_prompt_picks_the_template() -> None:

@@ -14,7 +14,7 @@ from nlsr_lib.reproduce import NOTEBOOKS_DIR, NotebookFailure, reproduce
 pytestmark = pytest.mark.notebook
 
 FIGURES = {"01_alignment": 2, "02_harmful_finetuning": 2, "03_safety_reference": 1, "04_safety_regions": 3,
-           "05_restoration": 3, "06_model_fusion": 3, "07_restoration_ablation": 2}
+           "05_restoration": 5, "06_model_fusion": 3, "07_restoration_ablation": 2}
 MAX_STDERR_OUTPUTS = 3  # "a handful": library noise and bars are off under reproduce, real warnings may remain
 
 
@@ -117,7 +117,7 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
     attack = json.loads((results_dir("smoke") / "02_harmful_finetuning.json").read_text())
     required = {"task", "method", "poison_ratio", "harmful_size", "harmful_score", "accuracy", "accuracy_strict"}
     assert all(required <= set(r) for r in attack)
-    assert {r["task"] for r in attack} == {"sst2", "ag_news", "gsm8k"}
+    assert {r["task"] for r in attack} == {"sst2", "ag_news", "gsm8k", "alpaca"}
     assert {r["method"] for r in attack} >= {"sft", "dpo", "orpo", "kto", "simpo", "unaligned"}
     assert {r["variant"] for r in attack} == {"poisoned", "clean"}
     expo = json.loads((results_dir("smoke") / "03_safety_reference.json").read_text())
@@ -197,6 +197,14 @@ def test_notebooks_02_onward_smoke(sequential_home, monkeypatch):
         assert all(0 <= r["empty"] <= 100 for r in json.loads((results_dir("smoke") / f"{name}.json").read_text()))
 
 
+TIMINGS = ("cost_s", "cost_s_sd")
+"""Fields that measure how long a build took (notebook 05's cost column): the same stages built twice differ."""
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
 def test_ray_run_equals_the_sequential_run_and_reproduce_then_builds_nothing(sequential_home, tmp_path, monkeypatch):
     """``nlsr run --executor ray --workers 2`` builds the plan as Ray tasks; the notebooks run afterwards find every
     stage cached (no artifact is added or rebuilt) and write the same results as the sequential run."""
@@ -212,4 +220,4 @@ def test_ray_run_equals_the_sequential_run_and_reproduce_then_builds_nothing(seq
                  "06_model_fusion", "07_restoration_ablation"):
         ray_result = json.loads((results_dir("smoke") / f"{name}.json").read_text())
         sequential = json.loads((sequential_home / "results" / "smoke" / f"{name}.json").read_text())
-        assert ray_result == sequential, name
+        assert without_timings(ray_result) == without_timings(sequential), name

@@ -90,6 +90,8 @@ PATHS_AND_SIZES = {
     *(f"ablation.{k}" for k in ("mask_sparsity", "rank_keep_ratio", "prune_rate", "epsilon", "tau", "scorers",
                                 "seeds")),
     "evaluation.limit",
+    "defences.scope", "defences.lisa.k_align", "defences.lisa.k_user", "defences.antidote.calibration_start",
+    "defences.antidote.calibration_size", "defences.antidote.batch_size", "defences.antidote.max_length",
 }
 
 
