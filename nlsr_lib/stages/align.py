@@ -29,6 +29,15 @@ def sft_location(params: Params, run: Run) -> str:
     return str(align_stage(params, run, "sft").path / "merged")
 
 
+def training_start(params: Params, run: Run, spec) -> tuple[Artifact, str]:
+    """Where an alignment method trains from: the SFT artifact and W_sft's folder for a preference method, the base
+    model's for SFT."""
+    if spec.on_sft_base:
+        return align_stage(params, run, "sft"), sft_location(params, run)
+    base = base_model_stage(params, run)
+    return base, base_location(params, base)
+
+
 @stage_kind("align", reads=("alignment.{method}", "lora", "model"), consumes=("base_model", "align", "world"),
             device="gpu", args=("method",))
 def align_stage(params: Params, run: Run, method: str) -> Artifact:
@@ -38,9 +47,7 @@ def align_stage(params: Params, run: Run, method: str) -> Artifact:
     from ..train.alignment import get_method, train_adapter
 
     spec = get_method(method)
-    base = base_model_stage(params, run)
-    start = align_stage(params, run, "sft") if spec.on_sft_base else base
-    start_dir = sft_location(params, run) if spec.on_sft_base else base_location(params, base)
+    start, start_dir = training_start(params, run, spec)
     tc = spec.train_config(params)
     sizes = [f"data.{field}" for field in ROW_SIZES[method]]
     inputs, values = source_inputs(params, run, "beavertails", "pku_saferlhf")
@@ -103,9 +110,7 @@ def defended_align_stage(params: Params, run: Run, method: str, defence: str) ->
         raise UsageError(f"defended alignment: {defence!r} is not an alignment-stage defence; allowed: "
                          f"{', '.join(ALIGNMENT_DEFENCES)}")
     spec = get_method(method)
-    base = base_model_stage(params, run)
-    start = align_stage(params, run, "sft") if spec.on_sft_base else base
-    start_dir = sft_location(params, run) if spec.on_sft_base else base_location(params, base)
+    start, start_dir = training_start(params, run, spec)
     tc = spec.train_config(params)
     inputs, values = source_inputs(params, run, "beavertails", "pku_saferlhf")
 
