@@ -64,13 +64,11 @@ def mixture_stage(params: Params, run: Run, task: str, p: float, n: int | None =
 
 
 def _lisa(params: Params, run: Run):
-    from ..data.builders import build_safe_sft
-    from ..data.templates import alpaca_prompt
+    from ..train.alignment import safe_sft_rows
     from ..train.defended import lisa_method
 
     cfg = params.defences.lisa
-    guide = build_safe_sft(load_source(params, run, "beavertails")["30k_train"], n=cfg.guide_size)
-    rows = [{"prompt": alpaca_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in guide]
+    rows = safe_sft_rows(load_source(params, run, "beavertails")["30k_train"], cfg.guide_size)
     return lisa_method(rows, k_align=cfg.k_align, k_user=cfg.k_user, rho=cfg.rho,
                        prox_warmup_frac=cfg.prox_warmup_frac, user_batches=cfg.user_batches)
 

@@ -8,8 +8,8 @@
   rows (:func:`antidote_stage`), beside the training-free defences of ``restore.defences``.
 
 :data:`FIELD_DEFENCES` maps each name to a :class:`FieldDefence`; :meth:`FieldDefence.serve` returns the defended
-model of an attack and :meth:`FieldDefence.cost_seconds` the seconds of the stage the defence runs (its alignment, its
-fine-tuning or its transform), read from the artifact's manifest.
+model of an attack and :meth:`FieldDefence.cost_artifact` the artifact of the stage the defence runs (its alignment, its
+fine-tuning or its transform), whose manifest gives its seconds.
 """
 
 from __future__ import annotations
@@ -47,9 +47,6 @@ class FieldDefence:
         if self.family == "alignment":
             return defended_align_stage(params, run, method, self.name)
         return served.artifact
-
-    def cost_seconds(self, params: Params, run: Run, method: str, served: ModelRef) -> float:
-        return float(self.cost_artifact(params, run, method, served).manifest()["seconds"])
 
 
 FIELD_DEFENCES: Registry[FieldDefence] = Registry(names.FIELD_DEFENCES)

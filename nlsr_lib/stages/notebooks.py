@@ -205,7 +205,7 @@ def _field_defences(params: Params, run: Run, method: str, task: str, p: float, 
                          "cost_s": _seconds(run, before.artifact),
                          **measure(params, run, before, (task,), helpfulness_reference=aligned)})
         served = defence.serve(params, run, method, task, p)
-        cost = None if run.planning else defence.cost_seconds(params, run, method, served)
+        cost = _seconds(run, defence.cost_artifact(params, run, method, served))
         rows.append({**where, "defense": name, "family": defence.family, "cost_s": cost,
                      **measure(params, run, served, (task,), helpfulness_reference=aligned)})
     return rows

@@ -29,9 +29,15 @@ from ..data.templates import alpaca_prompt
 from ..registry import Registry
 
 
-def _sft_rows(params: Params, sources: dict) -> list[dict]:
-    records = build_safe_sft(sources["beavertails"]["30k_train"], n=params.data.sft_size)
+def safe_sft_rows(beavertails_train, n: int) -> list[dict]:
+    """trl prompt-completion rows of the first ``n`` safe BeaverTails rows (spec §2.1): the SFT stage's data, and
+    Lisa's guide data (spec/defences.md §3, D-L6)."""
+    records = build_safe_sft(beavertails_train, n=n)
     return [{"prompt": alpaca_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in records]
+
+
+def _sft_rows(params: Params, sources: dict) -> list[dict]:
+    return safe_sft_rows(sources["beavertails"]["30k_train"], params.data.sft_size)
 
 
 def _preference_rows(params: Params, sources: dict) -> list[dict]:
