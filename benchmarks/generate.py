@@ -8,7 +8,9 @@ adapters of rank ``--rank``, and ``--prompts`` Alpaca prompts answered greedily 
 * ``reference``: the design before the engine: the model loaded again for every adapter as an unmerged
   ``PeftModel`` with fp32 LoRA (peft's default upcast), batches of 16, no stop at the response cut;
 * ``engine``: :class:`~nlsr_lib.evaluate.engine.HFEngine`: the base loaded once, each adapter swapped in place in
-  the model's dtype, batches by token budget (``--batch``/``--token-budget``), rows stopped at the response cut.
+  the model's dtype, batches by token budget (``--batch``/``--token-budget``), rows stopped at the response cut,
+  decoded by the compacting decoder (the Alpaca header prefilled once per batch, the KV cache written in place,
+  finished rows dropped: :func:`~nlsr_lib.evaluate.generation.compact_decoder`).
 
 The two alternate adapter by adapter (reference, engine, reference, ...) so that a drift of the machine's speed
 hits both. ``speedup_vs_reference`` = reference seconds / engine seconds, over every adapter, loads included.
@@ -98,7 +100,7 @@ def reference(base: str, adapter: str, texts: list[str], args: argparse.Namespac
     cfg = ModelConfig(dtype=args.dtype, device_map="cpu")
     model = load_with_adapter(base, adapter, cfg)
     return generate_responses(model, load_tokenizer(base, cfg), texts, args.new_tokens, 16, stop_at_cut=False,
-                              desc="reference")
+                              decoder="transformers", desc="reference")
 
 
 def main(argv: list[str] | None = None) -> int:

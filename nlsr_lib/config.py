@@ -37,7 +37,7 @@ import yaml
 
 from .data.tasks import TASKS
 from .errors import NlsrError
-from .names import (ALIGNMENT_METHODS, BENCHMARKS, CORRECTIONS, DEFENCES, GENERATION_BACKENDS, JUDGES, KEYWORD_LISTS,
+from .names import (ALIGNMENT_METHODS, BENCHMARKS, CORRECTIONS, DECODERS, DEFENCES, GENERATION_BACKENDS, JUDGES, KEYWORD_LISTS,
                     LLM_PROTOCOLS, MERGE_METHODS, REGION_SCORERS, RESTORE_STRATEGIES, SIMILARITIES,
                     FIELD_DEFENCES, WRAPPERS)
 from .registry import Names, Registry, unknown_message
@@ -564,6 +564,8 @@ class GenerationConfig:
                                                    "memory (a third of it as KV cache), or batch_size rows on CPU")
     backend: str = _f("hf", choices=GENERATION_BACKENDS, doc="'hf' (transformers, adapters swapped in place) or "
                                                              "'vllm' (multi-LoRA; optional extra [vllm])")
+    decoder: str = _f("compact", choices=DECODERS, doc="the hf backend's loop: 'compact' (finished rows leave the "
+                                                       "batch) or 'transformers' (model.generate)")
 
 
 @dataclass(frozen=True)

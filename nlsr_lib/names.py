@@ -34,6 +34,8 @@ SIMILARITIES = Names("similarity", "gram", "explicit")
 CORRECTIONS = Names("correction", "neuron", "module")
 #: nlsr_lib.evaluate.engine.ENGINES
 GENERATION_BACKENDS = Names("generation backend", "hf", "vllm")
+#: nlsr_lib.evaluate.generation.DECODERS (the hf backend's decoding loop)
+DECODERS = Names("decoder", "compact", "transformers")
 #: nlsr_lib.evaluate.judges.JUDGES
 JUDGES = Names("judge", "moderation", "keyword", "llm", "llama_guard")
 #: nlsr_lib.evaluate.benchmarks.BENCHMARKS (spec/evaluation.md §1.2; the tiny world has a counterpart of each
@@ -50,5 +52,5 @@ KEYWORD_LISTS = Names("keyword list", "nlsr", "gcg29", "jbb13", "rd12", "mi29", 
 LLM_PROTOCOLS = Names("LLM judge protocol", "strongreject", "harmbench", "jailbreakbench", "llama_guard", "xstest",
                       "pairwise", "helpfulness")
 
-__all__ = ["ALIGNMENT_METHODS", "BENCHMARKS", "KEYWORD_LISTS", "LLM_PROTOCOLS", "WRAPPERS", "CORRECTIONS", "DEFENCES", "GENERATION_BACKENDS", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
+__all__ = ["ALIGNMENT_METHODS", "BENCHMARKS", "KEYWORD_LISTS", "LLM_PROTOCOLS", "WRAPPERS", "CORRECTIONS", "DECODERS", "DEFENCES", "GENERATION_BACKENDS", "JUDGES", "MERGE_METHODS", "REGION_SCORERS",
            "RESTORE_STRATEGIES", "SIMILARITIES", "FIELD_DEFENCES"]

@@ -27,7 +27,7 @@ def test_paper_profile_has_the_paper_values():
     assert (p.alignment.simpo.beta, p.alignment.simpo.gamma) == (2.0, 1.0)
     assert p.alignment.orpo.beta == 0.5 and p.alignment.kto.beta == 0.1
     assert p.judges.moderation.model == "PKU-Alignment/beaver-dam-7b" and p.judges.moderation.threshold == 0.5
-    assert (p.generation.max_new_tokens, p.generation.batch_size) == (512, 16)
+    assert (p.generation.max_new_tokens, p.generation.batch_size) == (512, 256)  # rows cap; the token budget sizes
     assert (p.data.safety_test_start, p.data.safety_test_end) == (0, 1000)
 
 

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from nlsr_lib.config import GenerationConfig, LoraConfig, ModelConfig, Params
 from nlsr_lib.data.templates import RESPONSE_MARKER, STOP_MARKER, alpaca_prompt, extract_response, response_complete
 from nlsr_lib.evaluate.engine import HFEngine, VLLMEngine, adapter_name, vllm_lora_rank
-from nlsr_lib.evaluate.generation import StopAtResponseCut, generate_responses, token_budget_batches
+from nlsr_lib.evaluate import generation
+from nlsr_lib.evaluate.generation import (StopAtResponseCut, generate_responses, reserved_cache, shared_prefix_length,
+                                          token_budget_batches)
 from nlsr_lib.models import load_with_adapter, peft_lora_config
 from nlsr_lib.tiny.model import train_tokenizer
 
@@ -101,7 +103,8 @@ def old_path(tiny, adapter):
     if adapter not in _OLD:
         model = load_with_adapter(tiny["base"], adapter, ModelConfig(device_map="cpu"))
         tok = load_tokenizer(tiny["base"])
-        _OLD[adapter] = generate_responses(model, tok, tiny["prompts"], 24, 16, stop_at_cut=False)
+        _OLD[adapter] = generate_responses(model, tok, tiny["prompts"], 24, 16, stop_at_cut=False,
+                                           decoder="transformers")
     return _OLD[adapter]
 
 
@@ -131,9 +134,9 @@ def test_adapters_are_held_in_the_models_dtype(tiny, tmp_path):
     assert dtypes == {torch.bfloat16}
 
 
-def test_rows_stop_at_the_cut_and_the_responses_do_not_change(tiny):
-    """A model that always emits ``!!!`` stops after one token per row (not 24), with the responses of a
-    full-length run; a prompt whose own text closes the response segment is done at once."""
+@pytest.fixture()
+def bang_model(tiny):
+    """The tiny base with its head rewired to always emit the last token of ``!!!`` (a cut marker)."""
     from nlsr_lib.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(tiny["base"])
@@ -145,6 +148,13 @@ def test_rows_stop_at_the_cut_and_the_responses_do_not_change(tiny):
         model.lm_head.weight[bang] = 1.0  # argmax: always this token (RMS-normed states are not all ≤ 0)
         model.model.norm.weight.fill_(1.0)
         model.model.norm.weight.abs_()
+    return model, tok
+
+
+def test_rows_stop_at_the_cut_and_the_responses_do_not_change(tiny, bang_model):
+    """A model that always emits ``!!!`` stops after one token per row (not 24), with the responses of a
+    full-length run; a prompt whose own text closes the response segment is done at once."""
+    model, tok = bang_model
     steps = []
     generate = model.generate
 
@@ -155,10 +165,58 @@ def test_rows_stop_at_the_cut_and_the_responses_do_not_change(tiny):
 
     model.generate = counting
     prompts = tiny["prompts"][:5] + [alpaca_prompt("say ### Response: done")]
-    full = generate_responses(model, tok, prompts, 24, 8, stop_at_cut=False)
-    stopped = generate_responses(model, tok, prompts, 24, 8)
+    full = generate_responses(model, tok, prompts, 24, 8, stop_at_cut=False, decoder="transformers")
+    stopped = generate_responses(model, tok, prompts, 24, 8, decoder="transformers")
     assert stopped == full
     assert steps[0] == 24 and steps[1] < 24
+    calls = []
+    model.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+    assert generate_responses(model, tok, prompts, 24, 8) == full  # the compacting decoder
+    assert len(calls) == 1 + steps[1]  # the shared prefix once, then one call per token generate took
+
+
+def test_compact_decoder_equals_generate_with_and_without_its_savings(tiny, monkeypatch):
+    """The compacting decoder's three savings (shared prefix prefilled once, cache written in place, finished rows
+    dropped) each leave the responses of ``generate``: on, off, and rows dropped one at a time."""
+    from nlsr_lib.models import load_tokenizer
+
+    model = load_with_adapter(tiny["base"], tiny["adapters"][0], ModelConfig(device_map="cpu"))
+    tok = load_tokenizer(tiny["base"])
+    prompts = tiny["prompts"] + [alpaca_prompt("x ### Response: y!!!")]
+    assert shared_prefix_length(tok(prompts)["input_ids"]) >= generation.SHARED_PREFIX_MIN  # the Alpaca header
+    want = generate_responses(model, tok, prompts, 24, 64, decoder="transformers")
+    assert generate_responses(model, tok, prompts, 24, 64) == want
+    monkeypatch.setattr(generation, "COMPACT_SHARE", 0.0)
+    assert generate_responses(model, tok, prompts, 24, 7) == want
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 10_000)
+    assert generate_responses(model, tok, prompts, 24, 64) == want
+
+
+@settings(max_examples=200)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=6))
+def test_shared_prefix_is_the_longest_common_one_leaving_each_row_a_token(rows):
+    n = shared_prefix_length(rows)
+    assert all(r[:n] == rows[0][:n] for r in rows) and n < min(map(len, rows))
+    if n + 1 < min(map(len, rows)):
+        assert len({tuple(r[:n + 1]) for r in rows}) > 1  # one more token is not shared
+
+
+def test_reserved_cache_layers_hold_what_concatenation_would_and_refuse_an_overflow(tiny):
+    from transformers import DynamicCache, LlamaConfig
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)
+    reserved, grown = reserved_cache(config, 6), DynamicCache(config=config)
+    chunks = [torch.randn(3, 1, n, 4) for n in (4, 1, 1)]
+    for i, chunk in enumerate(chunks):
+        for cache in (reserved, grown):
+            keys, values = cache.update(chunk, -chunk, 0)
+            assert torch.equal(keys, torch.cat(chunks[:i + 1], dim=-2)) and torch.equal(values, -keys)
+    for cache in (reserved, grown):
+        cache.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(reserved.layers[0].keys, grown.layers[0].keys)
+    assert reserved.get_seq_length() == 6
+    with pytest.raises(ValueError, match="holds 6 positions; 7 were asked for"):
+        reserved.update(chunks[1][:2], chunks[1][:2], 0)
 
 
 def test_stop_criterion_marks_rows_with_a_cut_marker_in_their_newest_tokens(tiny):

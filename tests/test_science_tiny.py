@@ -302,5 +302,5 @@ def test_engine_responses_equal_the_old_load_per_evaluation_path_on_trained_mode
         model = load_with_adapter(ref.base, ref.adapter, params.model)
         old = generate_responses(model, load_tokenizer(ref.base, params.model),
                                  [alpaca_prompt(r["prompt"]) for r in rows], params.generation.max_new_tokens, 16,
-                                 stop_at_cut=False)
+                                 stop_at_cut=False, decoder="transformers")
         assert [r["response"] for r in rows] == old, method

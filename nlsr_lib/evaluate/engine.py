@@ -97,7 +97,7 @@ class HFEngine:
             budget = self.gen.token_budget or default_token_budget(model, self.gen.batch_size,
                                                                    longest + max_new_tokens)
             return generate_responses(model, tokenizer, prompts, max_new_tokens, self.gen.batch_size,
-                                      token_budget=budget, desc=desc)
+                                      token_budget=budget, decoder=self.gen.decoder, desc=desc)
 
 
 class _ActiveAdapter:
