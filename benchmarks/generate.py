@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "generate", "parameters_M": round(n_params / 1e6, 1), "dtype": args.dtype,
               "prompts": len(texts), "new_tokens": args.new_tokens, "adapters": len(adapters), "rank": args.rank,
               "threads": torch.get_num_threads(), "engine_batch": args.batch,
+              "engine_decoder": "compact",
               "reference_s": round(seconds["reference"], 2), "engine_s": round(seconds["engine"], 2),
               "speedup_vs_reference": round(seconds["reference"] / seconds["engine"], 2),
               "engine_base_loads": engine.loads, "identical_share": round(same / total, 4)}

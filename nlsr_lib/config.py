@@ -555,8 +555,8 @@ class AblationConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     """Greedy batched generation (spec/nlsr.md §6.1: left padding, max_new_tokens 512) by an engine
-    (DESIGN.md §5). Responses do not depend on ``backend``, ``batch_size`` or ``token_budget``, which only set
-    the speed, so the generation stages do not read them (their cache survives a change of engine)."""
+    (DESIGN.md §5). Responses do not depend on ``backend``, ``batch_size``, ``token_budget`` or ``decoder``, which
+    only set the speed, so the generation stages do not read them (their cache survives a change of engine)."""
 
     max_new_tokens: int = _f(512, range=(1, None))
     batch_size: int = _f(16, range=(1, None), doc="most rows in one batch (the paper generated 16 at a time)")
