@@ -373,7 +373,7 @@ def test_openai_fallback_variables(env, server, tmp_path):
 def test_the_key_is_never_shown(env, server, tmp_path):
     server.push(401)
     c = client()
-    judge = LLMJudge("llama_guard", c, tmp_path)
+    judge = LLMJudge("llama_guard", c, tmp_path, concurrency=1)  # one at a time: the 401 answers the first item
     vs = judge.judge(["p", "q"], ["r", f"s {MARKER}"])
     assert vs[0].error == "AuthenticationError" and vs[1].parsed
     shown = [repr(c), str(c), repr(judge), str(judge), repr(judge.usage), str(judge.usage.as_dict()),

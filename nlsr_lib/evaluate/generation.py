@@ -75,6 +75,13 @@ def cut_reached(tokenizer, windows: torch.Tensor) -> list[bool]:
             for text in tokenizer.batch_decode(windows, skip_special_tokens=True)]
 
 
+def stop_state(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, before any token: whether its response is already final (:func:`response_complete`), and
+    whether its generated tokens are watched for a cut marker (the prompt holds the response marker)."""
+    return (torch.tensor([response_complete(p) for p in prompts], dtype=torch.bool),
+            torch.tensor([RESPONSE_MARKER in p for p in prompts], dtype=torch.bool))
+
+
 class StopAtResponseCut:
     """A ``transformers`` stopping criterion, per row: done once the extracted response is final. A row whose
     prompt already fixes it (:func:`response_complete`) is done at once; a row whose prompt holds the response
@@ -83,8 +90,7 @@ class StopAtResponseCut:
 
     def __init__(self, tokenizer, prompts: Sequence[str], prompt_width: int):
         self.tokenizer, self.prompt_width = tokenizer, prompt_width
-        self.done = torch.tensor([response_complete(p) for p in prompts])
-        self.watch = [RESPONSE_MARKER in p for p in prompts]
+        self.done, self.watch = stop_state(prompts)
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
         window = input_ids[:, max(self.prompt_width, input_ids.shape[1] - STOP_WINDOW):]
@@ -127,7 +133,8 @@ def _forward_model(model):
 
 def reserved_cache(config, capacity: int):
     """A ``DynamicCache`` for ``config`` whose full-attention layers write into buffers of ``capacity`` positions
-    (:class:`ReservedLayer`) instead of concatenating a new tensor at every step."""
+    (``ReservedLayer``, a class built on first use so that transformers is imported lazily) instead of
+    concatenating a new tensor at every step."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -183,12 +190,6 @@ def _reserved_layer_class():
     return ReservedLayer
 
 
-def __getattr__(name: str):
-    if name == "ReservedLayer":  # built on first use: transformers is imported lazily
-        return _reserved_layer_class()
-    raise AttributeError(name)
-
-
 def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
     """The number of leading tokens every prompt of a batch shares, leaving each prompt at least one token of its
     own (the one whose logits start its response)."""
@@ -228,8 +229,7 @@ def compact_decoder(model, tokenizer, encoded: Sequence[Sequence[int]], prompts:
     attention = None if bool((mask == 1).all()) else mask
     generated = torch.zeros((rows, max_new_tokens), dtype=torch.long)
     lengths = torch.zeros(rows, dtype=torch.long)
-    done = torch.tensor([stop_at_cut and response_complete(p) for p in prompts], dtype=torch.bool)
-    watch = torch.tensor([stop_at_cut and RESPONSE_MARKER in p for p in prompts], dtype=torch.bool)
+    done, watch = stop_state(prompts) if stop_at_cut else (torch.zeros(rows, dtype=torch.bool),) * 2
     live = torch.arange(rows)  # batch row -> input row
     step_input = {"input_ids": own["input_ids"], "attention_mask": attention, "position_ids": positions}
     for step in range(max_new_tokens):
@@ -249,10 +249,10 @@ def compact_decoder(model, tokenizer, encoded: Sequence[Sequence[int]], prompts:
         still = ~done[live]
         if int((~still).sum()) >= max(1, int(COMPACT_SHARE * len(live))):
             keep = still.nonzero().squeeze(1)
-            cache.batch_select_indices(keep.to(device))
-            live, token = live[keep], token[keep]
-            positions = positions[keep.to(device)]
-            attention = None if attention is None else attention[keep.to(device)]
+            live, token, keep = live[keep], token[keep], keep.to(device)
+            cache.batch_select_indices(keep)
+            positions = positions[keep]
+            attention = None if attention is None else attention[keep]
         positions = positions[:, -1:] + 1
         if attention is not None:
             attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)

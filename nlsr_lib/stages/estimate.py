@@ -4,9 +4,10 @@ Every ``gpu`` stage of the plan costs, on one GPU of the kind the constants desc
 
 * a training: ``training_tokens × fill / train_tokens_per_s``. The plan's count is an upper bound (rows × epochs ×
   ``max_length``); ``fill`` is the real share of it (the mean tokenized example over ``max_length``);
-* a generation stage: ``generated_tokens × decoded_share / generate_tokens_per_s``. With ``hf`` every row of a batch
-  is decoded until the batch's longest row stops, so the share is 1; vLLM's continuous batching decodes what the
-  responses hold (they stop at the response cut);
+* a generation stage: ``generated_tokens × decoded_share / generate_tokens_per_s``. With ``hf`` a batch runs until
+  its longest row stops; finished rows leave it (the compacting decoder), but a GPU's decoding step costs about the
+  same for fewer rows, so the share is 1; vLLM's continuous batching decodes what the responses hold (they stop at
+  the response cut);
 * a judge stage: ``judged_responses × judge_tokens_per_response / judge_tokens_per_s`` (a classifier's forward
   pass is one prefill); the keyword judge costs nothing;
 * model loads: the engine keeps its bases, so a worker loads each base once (``bases_per_worker × load_s`` per
